@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine: `make run` (the local stack) and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: run test lint bench clean redis-bin
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## run: Envoy on 127.0.0.1:8888 + the router + three simulated pods of demo-model (Ctrl-C stops all)
+run: $(STAMP)
+	$(VENV)/bin/extproc-router up
+
+## test: unit, integration (real Envoy, real Redis) and end-to-end tests
+test: $(STAMP) redis-bin
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## redis-bin: make sure a redis-server binary exists (tests start their own servers on free ports)
+redis-bin:
+	@command -v redis-server >/dev/null 2>&1 || scripts/install-redis.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+## bench: router overhead benchmark (prints figures, writes bench/results/overhead.json)
+bench: $(STAMP)
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .run bench/results .pytest_cache

