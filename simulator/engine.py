@@ -167,12 +167,9 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if seq.generated == 0:
-            due = now + self.ttft_s(seq)
-        else:
-            # Floored at "now": after a stall longer than one interval (overloaded loop, slow
-            # client) we resume the normal pace instead of bursting out the missed tokens.
-            due = max(seq._next_token_at + self.itl_s(seq), now)
+        # After the first token, deadlines are floored at "now": after a stall longer than one
+        # interval (overloaded loop, slow client) the normal pace resumes instead of a burst.
+        due = now + self.ttft_s(seq) if seq.generated == 0 else max(seq._next_token_at + self.itl_s(seq), now)
         seq._next_token_at = due
         delay = due - now
         if delay > 0.0:

@@ -77,14 +77,16 @@ class _StateCollector(Collector):
         waiting = engine.waiting_by_model()
         labels = ["model_name"]
 
-        gauge = GaugeMetricFamily("vllm:num_requests_running", "Number of requests in model execution batches.",
-                                  labels=labels)
+        gauge = GaugeMetricFamily(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", labels=labels
+        )
         for m in models:
             gauge.add_metric([m], running.get(m, 0))
         yield gauge
 
-        gauge = GaugeMetricFamily("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-                                  labels=labels)
+        gauge = GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels=labels
+        )
         for m in models:
             gauge.add_metric([m], waiting.get(m, 0))
         yield gauge
@@ -104,7 +106,8 @@ class _StateCollector(Collector):
             "vllm:generation_tokens", "Number of generation tokens processed.", labels=labels
         )
         success = CounterMetricFamily(
-            "vllm:request_success", "Count of successfully processed requests.",
+            "vllm:request_success",
+            "Count of successfully processed requests.",
             labels=["model_name", "finished_reason"],
         )
         for m in models:

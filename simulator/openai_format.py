@@ -17,14 +17,12 @@ MAX_CHOICES = 128
 """Upper bound on choices per request (prompts x n); protects the sim from absurd fan-out."""
 
 # Deterministic filler; every word is one "token". Leading spaces make the joined text readable.
-FILLER_WORDS: tuple[str, ...] = tuple(
-    " " + w
-    for w in (
-        "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt "
-        "ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation ullamco "
-        "laboris nisi ut aliquip ex ea commodo consequat"
-    ).split()
+_LOREM = (
+    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore "
+    "et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation ullamco laboris nisi ut "
+    "aliquip ex ea commodo consequat"
 )
+FILLER_WORDS: tuple[str, ...] = tuple(" " + w for w in _LOREM.split(" "))
 # Pre-encoded JSON strings (quotes included) so a streamed token costs no JSON serialisation.
 _FILLER_JSON: tuple[bytes, ...] = tuple(orjson.dumps(w) for w in FILLER_WORDS)
 
@@ -190,11 +188,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 class ResponseWriter:
-    """Builds the bodies of one response: the full JSON body or its SSE chunks.
-
-    Streaming chunks are assembled from byte templates prepared once per request, so emitting a
-    token is two concatenations rather than a JSON serialisation.
-    """
+    """Builds the bodies of one response: the full JSON body, or its SSE chunks via `stream`."""
 
     def __init__(self, kind: Kind, request_id: str, created: int, model: str, num_choices: int) -> None:
         self.kind = kind
@@ -202,24 +196,10 @@ class ResponseWriter:
         self.created = created
         self.model = model
         self.num_choices = num_choices
-        chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        self._head = (
-            b'data: {"id":'
-            + orjson.dumps(request_id)
-            + b',"object":"'
-            + chunk_object.encode()
-            + b'","created":'
-            + str(created).encode()
-            + b',"model":'
-            + orjson.dumps(model)
-            + b',"choices":'
-        )
-        token_field = b'"delta":{"content":' if kind == "chat" else b'"text":'
-        token_close = b"}" if kind == "chat" else b""
-        self._token_prefix = [
-            self._head + b'[{"index":' + str(i).encode() + b"," + token_field for i in range(num_choices)
-        ]
-        self._token_suffix = token_close + b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
+
+    def stream(self) -> StreamChunks:
+        """The SSE chunk builder of this response (built on demand: plain answers skip it)."""
+        return StreamChunks(self)
 
     def body(self, completion_tokens: int, finish_reason: str, usage_obj: dict[str, Any]) -> bytes:
         """The non-streaming JSON body."""
@@ -245,6 +225,36 @@ class ResponseWriter:
                 "usage": usage_obj,
             }
         )
+
+
+class StreamChunks:
+    """SSE chunks of one streamed response.
+
+    Chunks are assembled from byte templates prepared once per response, so emitting a token is
+    two concatenations rather than a JSON serialisation.
+    """
+
+    def __init__(self, response: ResponseWriter) -> None:
+        self.kind = response.kind
+        chat = response.kind == "chat"
+        chunk_object = b"chat.completion.chunk" if chat else b"text_completion"
+        self._head = (
+            b'data: {"id":'
+            + orjson.dumps(response.request_id)
+            + b',"object":"'
+            + chunk_object
+            + b'","created":'
+            + str(response.created).encode()
+            + b',"model":'
+            + orjson.dumps(response.model)
+            + b',"choices":'
+        )
+        token_field = b'"delta":{"content":' if chat else b'"text":'
+        self._token_prefix = [
+            self._head + b'[{"index":' + str(i).encode() + b"," + token_field for i in range(response.num_choices)
+        ]
+        delta_close = b"}" if chat else b""
+        self._token_suffix = delta_close + b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
 
     def role_chunk(self, choice: int) -> bytes:
         """The first chat chunk of a choice: ``delta`` with the assistant role (chat only)."""

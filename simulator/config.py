@@ -1,0 +1,45 @@
+"""Configuration of a simulated pod, kept free of heavy imports so the CLI can build it cheaply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from simulator.engine import EngineConfig
+
+
+@dataclass
+class SimConfig:
+    """Every knob of a simulated pod. Times are in milliseconds as on the command line."""
+
+    models: list[str] = field(default_factory=lambda: ["sim-model"])
+    pod_name: str | None = None
+    """Name in the ``x-sim-pod`` header; None means ``<hostname>-<port>``."""
+    ttft_ms: float = 20.0
+    itl_ms: float = 5.0
+    output_tokens: int = 16
+    """Completion length when the request sets no max_tokens."""
+    max_output_tokens: int = 256
+    """Cap on completion length when the request sets max_tokens."""
+    latency_jitter: float = 0.0
+    seed: int | None = 0
+    max_num_seqs: int = 256
+    kv_capacity_tokens: int = 65536
+    fail_every: int = 0
+    """Every Nth valid completion request answers 500 (0 = never)."""
+    stall: bool = False
+    """Completion requests are accepted but not answered until cancelled or stall is switched off."""
+    die_after: int = 0
+    """Stop serving after this many completion responses (0 = never); the CLI then exits 3."""
+    unhealthy: bool = False
+    """GET /health answers 503."""
+
+    def engine_config(self) -> EngineConfig:
+        """The engine part of the configuration, in seconds."""
+        return EngineConfig(
+            ttft_s=self.ttft_ms / 1000.0,
+            itl_s=self.itl_ms / 1000.0,
+            jitter=self.latency_jitter,
+            seed=self.seed,
+            max_num_seqs=self.max_num_seqs,
+            kv_capacity_tokens=self.kv_capacity_tokens,
+        )
