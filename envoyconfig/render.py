@@ -56,7 +56,9 @@ EXTPROC_CLUSTER = "extproc"
 ROUTER_HTTP_CLUSTER = "extproc_router_http"
 POD_CLUSTER = "model_pods"
 
-# The router may call a prefill pod inside the body phase (pd), so a message can take a while.
+# The router may call a prefill pod inside the body phase (pd), so a message can take a while. It
+# also bounds the client's upload: the router answers the headers message only after the last body
+# chunk, so an upload slower than this ends in a 504 (routing_timeout).
 _EXTPROC_MESSAGE_TIMEOUT = "60s"
 _STREAM_IDLE_TIMEOUT = "300s"
 # Router replicas are local or in-cluster: a connect that takes longer than this is a dead replica.
@@ -155,7 +157,9 @@ def _http_connection_manager(values: GatewayValues) -> dict[str, Any]:
         "generate_request_id": True,
         "http2_protocol_options": {"max_concurrent_streams": values.downstream_max_concurrent_streams},
         # Security: a client must never choose the destination pod. The header is removed before any
-        # filter or route sees it; the router also overwrites it whenever it routes.
+        # filter or route sees it; the router also overwrites it whenever it routes. This matters
+        # beyond routed requests: a router that ends its gRPC stream without answering lets Envoy
+        # continue the request unmodified (seen: 503 no_healthy_upstream, not an ext_proc error).
         "early_header_mutation_extensions": [
             {
                 "name": "envoy.http.early_header_mutation.header_mutation",
@@ -163,8 +167,11 @@ def _http_connection_manager(values: GatewayValues) -> dict[str, Any]:
             }
         ],
         "route_config": _route_config(values),
-        "http_filters": [_ext_proc_filter(), {"name": "envoy.filters.http.router", "typed_config": {_TYPE: _ROUTER_TYPE}}],
-        "local_reply_config": _local_reply_config(),
+        "http_filters": [
+            _ext_proc_filter(),
+            {"name": "envoy.filters.http.router", "typed_config": {_TYPE: _ROUTER_TYPE}},
+        ],
+        "local_reply_config": _local_reply_config(values),
     }
 
 
@@ -177,9 +184,7 @@ def _route_config(values: GatewayValues) -> dict[str, Any]:
         },
         "route": {"cluster": ROUTER_HTTP_CLUSTER},
         # The model list needs no routing decision: skip the gRPC round trip entirely.
-        "typed_per_filter_config": {
-            "envoy.filters.http.ext_proc": {_TYPE: _EXT_PROC_PER_ROUTE_TYPE, "disabled": True}
-        },
+        "typed_per_filter_config": {"envoy.filters.http.ext_proc": {_TYPE: _EXT_PROC_PER_ROUTE_TYPE, "disabled": True}},
     }
     pods_route = {
         "name": "pods",
@@ -187,8 +192,9 @@ def _route_config(values: GatewayValues) -> dict[str, Any]:
         "route": {"cluster": POD_CLUSTER, "timeout": _duration(values.route_timeout)},
         # The router records its decisions as dynamic metadata in the request-body phase; echoing
         # them here is what lets ext_proc skip the response-headers phase (no per-response round
-        # trip). A key the router did not set formats as an empty value, and an empty value is not
-        # added (keep_empty_value is false), so absent decisions add no header.
+        # trip). They are added to Envoy's own error replies for this route as well. A key the
+        # router did not set (or set to "") formats as an empty value, which is not added
+        # (keep_empty_value is false): absent decisions add no header. Numbers print as numbers.
         "response_headers_to_add": [
             {
                 "header": {"key": name, "value": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{name})%"},
@@ -224,8 +230,11 @@ def _ext_proc_filter() -> dict[str, Any]:
             # metadata via the route's response_headers_to_add, so responses cost no round trip and
             # SSE streams flow untouched.
             # response trailers SEND: keeps the ext_proc stream open until the HTTP stream ends, so
-            # the router sees the end of every request (in-flight accounting) without inspecting
-            # any response message.
+            # the router sees the end of every request (in-flight accounting) as the end of its
+            # gRPC stream, without any per-response round trip: a response without trailers (every
+            # OpenAI server) produces no message at all, and the stream half-closes when the last
+            # response byte is sent or the client goes away. (With SKIP it closes right after the
+            # request body.) A response that does carry trailers sends one message to answer.
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SKIP",
@@ -241,8 +250,92 @@ def _ext_proc_filter() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- local replies
 
 
+def _local_reply_config(values: GatewayValues) -> dict[str, Any]:
+    """Turn Envoy's *own* local replies (empty or text/plain) into OpenAI-shaped JSON errors.
+
+    There is no top-level ``body_format``, and every mapper matches something only Envoy produces
+    (a response flag, or an Envoy response-code detail): the router's ImmediateResponses are local
+    replies too, and their JSON bodies and statuses must reach the client untouched. First match wins.
+    """
+    route_timeout = _duration(values.route_timeout)
+    idle = _STREAM_IDLE_TIMEOUT
+    mappers = [
+        # ext_proc failures carry no response flag, only the detail "ext_proc_error_<what>".
+        # Envoy answers 500 whatever went wrong; a status should tell the client whether to retry:
+        # * gRPC UNAVAILABLE (14: the router is down, restarting or refusing connections) -> 503,
+        #   a transient gateway outage a client should retry, not a "bug" 500;
+        # * the per-message timeout -> Envoy's 504 is already honest (a slow router, or an upload
+        #   that took longer than the message timeout: the router answers the headers only after
+        #   the whole body);
+        # * any other gRPC error (the router raised or aborted) is a gateway bug: an honest 500.
+        {
+            "filter": _cel("response.code_details.startsWith('ext_proc_error_gRPC_error_14')"),
+            **_openai_error(
+                503, "The routing service is unavailable; retry shortly.", "overloaded_error", "routing_unavailable"
+            ),
+        },
+        {
+            "filter": _cel("response.code_details.startsWith('ext_proc_error_per-message_timeout')"),
+            **_openai_error(504, "The routing service did not answer in time.", "api_error", "routing_timeout"),
+        },
+        {
+            "filter": _cel("response.code_details.startsWith('ext_proc_error')"),
+            **_openai_error(500, "The routing service failed on this request.", "api_error", "routing_error"),
+        },
+        # Only when the router switched a request to BUFFERED (mode_override): Envoy then enforces
+        # its per-connection buffer itself. Same shape as the router's own 413.
+        {
+            "filter": _cel("response.code_details == 'request_payload_too_large'"),
+            **_openai_error(
+                413,
+                f"request body exceeds the gateway limit of {values.max_body_bytes} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            ),
+        },
+        {
+            "filter": _flags("UT"),
+            **_openai_error(
+                504, f"The model server did not answer within {route_timeout}.", "api_error", "upstream_timeout"
+            ),
+        },
+        # The stream idle timeout: Envoy answers 408 while the client has not finished its request
+        # (a stalled upload: the client's doing) and 504 once it waits for the pod; keep both.
+        {
+            "filter": {"and_filter": {"filters": [_flags("SI"), _status_is(408)]}},
+            **_openai_error(408, f"The client sent no data for {idle}.", "invalid_request_error", "request_timeout"),
+        },
+        {
+            "filter": _flags("SI"),
+            **_openai_error(504, f"The model server sent no data for {idle}.", "api_error", "stream_idle_timeout"),
+        },
+        {
+            # Circuit breakers (backendTrafficPolicy/envoyPatchPolicy limits) are full.
+            "filter": _flags("UO"),
+            **_openai_error(
+                503,
+                "Too many requests in flight to the model servers; retry shortly.",
+                "overloaded_error",
+                "upstream_overflow",
+            ),
+        },
+        {
+            # UH: no usable pod address; UF: connect failed; UC/UR: the pod closed or reset the
+            # connection before answering (it died or restarted).
+            "filter": _flags("UH", "UF", "UC", "UR"),
+            **_openai_error(
+                503,
+                "The selected model server is unavailable; retry shortly.",
+                "overloaded_error",
+                "upstream_unavailable",
+            ),
+        },
+    ]
+    return {"mappers": mappers}
+
+
 def _openai_error(status: int, message: str, error_type: str, code: str) -> dict[str, Any]:
-    """The body_format_override that makes a local reply an OpenAI-shaped JSON error."""
+    """The status and body_format_override that make a local reply an OpenAI-shaped JSON error."""
     body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
     # json.dumps escapes the text; '%' is doubled because Envoy's formatter treats it as a command.
     text = json.dumps(body, separators=(",", ":")).replace("%", "%%")
@@ -256,30 +349,20 @@ def _flags(*flags: str) -> dict[str, Any]:
     return {"response_flag_filter": {"flags": list(flags)}}
 
 
-def _local_reply_config() -> dict[str, Any]:
-    """Mappers for Envoy's *own* local replies only (first match wins).
+def _status_is(code: int) -> dict[str, Any]:
+    # runtime_key is mandatory; nothing sets it, so default_value applies.
+    value = {"default_value": code, "runtime_key": f"gateway.local_reply.status_{code}"}
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
 
-    There is no top-level ``body_format``: the router's ImmediateResponses are local replies too,
-    and their JSON bodies must reach the client untouched, so every mapper matches on something
-    only Envoy produces (a response flag, or an Envoy response-code detail).
-    """
-    mappers = [
-        {
-            "filter": _flags("UT"),
-            **_openai_error(504, "The model server did not answer in time.", "api_error", "upstream_timeout"),
-        },
-        {
-            "filter": _flags("SI"),
-            **_openai_error(504, "The request stream was idle for too long.", "api_error", "stream_idle_timeout"),
-        },
-        {
-            # UH: no pod at that address / none chosen; UF: connect failed; UO: circuit breaker full;
-            # UC/UR: the pod closed or reset the connection before answering.
-            "filter": _flags("UH", "UF", "UO", "UC", "UR"),
-            **_openai_error(503, "The model server is unavailable or overloaded.", "overloaded_error", "service_unavailable"),
-        },
-    ]
-    return {"mappers": mappers}
+
+def _cel(expression: str) -> dict[str, Any]:
+    """A CEL access-log filter: the only filter that can read the response-code details."""
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {_TYPE: _CEL_FILTER_TYPE, "expression": expression},
+        }
+    }
 
 
 # --------------------------------------------------------------------------------------------- clusters
@@ -309,9 +392,7 @@ def _pod_cluster(values: GatewayValues) -> dict[str, Any]:
         "typed_extension_protocol_options": {
             _HTTP_OPTIONS_KEY: {
                 _TYPE: _HTTP_OPTIONS_TYPE,
-                "common_http_protocol_options": {
-                    "max_requests_per_connection": values.pod_max_requests_per_connection
-                },
+                "common_http_protocol_options": {"max_requests_per_connection": values.pod_max_requests_per_connection},
                 # Model pods (vLLM, SGLang, the simulator) serve plaintext HTTP/1.1. auto_config would
                 # let ALPN choose h2, but Envoy rejects it on a plaintext cluster ("ALPN configured
                 # for cluster model_pods which has a non-ALPN transport socket"), and

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 __all__ = [
@@ -63,11 +63,13 @@ class GatewayValues:
     connection_limit: int | None = None
     #: ``gateway.clientTrafficPolicy.http2.maxConcurrentStreams``: per client connection.
     downstream_max_concurrent_streams: int = DEFAULT_LIMIT
-    #: ``backendTrafficPolicy.circuitBreaker.maxConnections`` / ``envoyPatchPolicy.circuitBreakers.maxConnections``.
+    # The next three: ``gateway.envoyPatchPolicy.circuitBreakers.<key>`` if set, else
+    # ``gateway.backendTrafficPolicy.circuitBreaker.<key>`` (maxParallelRequests for max_requests).
+    #: ``maxConnections``.
     pod_max_connections: int = DEFAULT_LIMIT
-    #: ``backendTrafficPolicy.circuitBreaker.maxParallelRequests`` / ``envoyPatchPolicy.circuitBreakers.maxRequests``.
+    #: ``maxRequests`` / ``maxParallelRequests``.
     pod_max_requests: int = DEFAULT_LIMIT
-    #: ``backendTrafficPolicy.circuitBreaker.maxPendingRequests`` / ``envoyPatchPolicy.circuitBreakers.maxPendingRequests``.
+    #: ``maxPendingRequests``.
     pod_max_pending_requests: int = DEFAULT_LIMIT
     #: ``gateway.backendTrafficPolicy.circuitBreaker.maxParallelRetries``.
     pod_max_retries: int = DEFAULT_LIMIT
@@ -148,10 +150,7 @@ def parse_duration(raw: Any) -> timedelta:
         term = _DURATION_TERM.match(text, pos)
         if term is None:
             raise ValueError(f"expected a duration such as '120s', '2m' or '500ms', got {raw!r}")
-        try:
-            seconds += Decimal(term.group(1)) * _DURATION_UNITS[term.group(2)]
-        except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
-            raise ValueError(f"invalid duration {raw!r}") from exc
+        seconds += Decimal(term.group(1)) * _DURATION_UNITS[term.group(2)]
         pos = term.end()
     return _bounded(seconds, raw)
 

@@ -10,6 +10,7 @@ from collections import Counter
 import aiohttp
 import orjson
 import pytest
+from multidict import CIMultiDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,11 +20,11 @@ CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "Hello!"
 
 
 async def post(session: aiohttp.ClientSession, stack: LocalStack, body: object, path: str = "/v1/chat/completions",
-               headers: dict[str, str] | None = None, raw: bytes | None = None) -> tuple[int, dict, bytes]:
+               headers: dict[str, str] | None = None, raw: bytes | None = None) -> tuple[int, CIMultiDict, bytes]:
     data = raw if raw is not None else orjson.dumps(body)
     async with session.post(stack.url + path, data=data, headers={"content-type": "application/json",
                                                                   **(headers or {})}) as resp:
-        return resp.status, dict(resp.headers), await resp.read()
+        return resp.status, CIMultiDict(resp.headers), await resp.read()
 
 
 async def router_metric(stack: LocalStack, name: str) -> dict[str, float]:
