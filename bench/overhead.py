@@ -112,6 +112,8 @@ def main() -> int:
                     help="open-loop req/s for the sweep (2 KiB bodies); empty to skip")
     ap.add_argument("--p99-budget-ms", type=float, default=5.0, help="added p99 allowed in the sweep")
     ap.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (both arms)")
+    ap.add_argument("--extproc-patch", default="", metavar="JSON",
+                    help="JSON merged into the ext_proc filter config of the router arm (to compare Envoy settings)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -120,7 +122,7 @@ def main() -> int:
 
     from rich.console import Console
     from rich.table import Table
-    console = Console()
+    console = Console(width=160)
     work = Path(tempfile.mkdtemp(prefix="overhead-"))
     procs = Procs(work)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -135,12 +137,15 @@ def main() -> int:
         pod_file = work / "pods.yaml"
         pod_file.write_text(yaml.safe_dump({"models": {MODEL: {"pods": [{"name": "pod-0", "address": backend}]}}}))
         grpc_port, http_port = free_port(), free_port()
-        router = procs.spawn("router", [sys.executable, "-m", "extproc_router", "serve", "--config", str(pod_file),
+        # BENCH_ROUTER_WRAP: run the router under a wrapper script (a profiler, a GC probe).
+        launcher = os.environ.get("BENCH_ROUTER_WRAP", "").split() or ["-m", "extproc_router"]
+        router = procs.spawn("router", [sys.executable, *launcher, "serve", "--config", str(pod_file),
                                         "--grpc-listen", f"127.0.0.1:{grpc_port}",
                                         "--http-listen", f"127.0.0.1:{http_port}", "--log-level", "warning"])
         wait_http(f"http://127.0.0.1:{http_port}/ready", 20, router, "router")
         values = load_values(None)
         arms = {}
+        envoy_pids = {}
         for arm in ("direct", "router"):
             port, admin = free_port(), free_port()
             boot = render_bootstrap(values, listen_port=port, admin_port=admin,
@@ -148,12 +153,17 @@ def main() -> int:
                                     router_http=("127.0.0.1", http_port))
             if arm == "direct":
                 boot = direct_bootstrap(boot, backend)
+            elif args.extproc_patch:
+                for f in find_hcm(boot)["http_filters"]:
+                    if f["name"] == "envoy.filters.http.ext_proc":
+                        f["typed_config"].update(json.loads(args.extproc_patch))
             cfg = work / f"envoy-{arm}.yaml"
             cfg.write_text(yaml.safe_dump(boot))
             p = procs.spawn(f"envoy-{arm}", [envoy_binary(), "-c", str(cfg), "--disable-hot-restart", "-l", "error",
                                              "--concurrency", str(args.envoy_concurrency)])
             wait_http(f"http://127.0.0.1:{admin}/ready", 20, p, f"envoy ({arm})")
             arms[arm] = port
+            envoy_pids[arm] = p.pid
 
         for size in sizes:
             body_file = work / f"body-{size}.json"
@@ -161,10 +171,11 @@ def main() -> int:
             for conc in concs:
                 point = {"body_bytes": size, "concurrency": conc}
                 for arm, port in arms.items():
-                    c0 = cpu_seconds(router.pid)
+                    c0, e0 = cpu_seconds(router.pid), cpu_seconds(envoy_pids[arm])
                     res = run_load(port, body_file, concurrency=conc, duration=args.duration, warmup=args.warmup)
-                    res["router_cpu_us_per_req"] = ((cpu_seconds(router.pid) - c0) * 1e6 /
-                                                    max(1, res["requests"] * (1 + args.warmup / args.duration)))
+                    n = max(1, res["requests"] * (1 + args.warmup / args.duration))
+                    res["router_cpu_us_per_req"] = (cpu_seconds(router.pid) - c0) * 1e6 / n
+                    res["envoy_cpu_us_per_req"] = (cpu_seconds(envoy_pids[arm]) - e0) * 1e6 / n
                     point[arm] = res
                 point["added_p50_ms"] = point["router"]["p50_ms"] - point["direct"]["p50_ms"]
                 point["added_p99_ms"] = point["router"]["p99_ms"] - point["direct"]["p99_ms"]
@@ -180,9 +191,10 @@ def main() -> int:
             for rate in rates:
                 point = {"offered_rps": rate}
                 for arm, port in arms.items():
-                    c0 = cpu_seconds(router.pid)
+                    c0, e0 = cpu_seconds(router.pid), cpu_seconds(envoy_pids[arm])
                     res = run_load(port, body_file, rate=rate, duration=args.duration, warmup=args.warmup)
                     res["router_cpu_share"] = (cpu_seconds(router.pid) - c0) / (args.duration + args.warmup)
+                    res["envoy_cpu_share"] = (cpu_seconds(envoy_pids[arm]) - e0) / (args.duration + args.warmup)
                     point[arm] = res
                 point["added_p99_ms"] = point["router"]["p99_ms"] - point["direct"]["p99_ms"]
                 ok = (point["router"]["errors"] == 0 and point["added_p99_ms"] <= args.p99_budget_ms
@@ -191,7 +203,9 @@ def main() -> int:
                 results["sweep"].append(point)
                 console.print(f"rate {rate:>6.0f}/s: router achieved {point['router']['rps']:.0f}/s, p99 "
                               f"{point['router']['p99_ms']:.2f} ms (direct {point['direct']['p99_ms']:.2f}), "
-                              f"router CPU {point['router']['router_cpu_share'] * 100:.0f}% "
+                              f"router CPU {point['router']['router_cpu_share'] * 100:.0f}%, Envoy CPU "
+                              f"{point['router']['envoy_cpu_share'] * 100:.0f}% (direct arm "
+                              f"{point['direct']['envoy_cpu_share'] * 100:.0f}%) "
                               f"{'ok' if ok else 'over budget'}")
                 if ok:
                     best = rate
@@ -201,13 +215,14 @@ def main() -> int:
 
         table = Table(title="extproc-router overhead (router arm minus direct arm)")
         for col in ("body", "conc", "direct p50", "router p50", "added p50", "direct p99", "router p99", "added p99",
-                    "router req/s", "router CPU/req"):
+                    "router req/s", "router CPU/req", "Envoy CPU/req (direct)"):
             table.add_column(col, justify="right")
         for p in results["points"]:
             table.add_row(f"{p['body_bytes']}", f"{p['concurrency']}", f"{p['direct']['p50_ms']:.3f}",
                           f"{p['router']['p50_ms']:.3f}", f"{p['added_p50_ms']:.3f}", f"{p['direct']['p99_ms']:.3f}",
                           f"{p['router']['p99_ms']:.3f}", f"{p['added_p99_ms']:.3f}", f"{p['router']['rps']:.0f}",
-                          f"{p['router']['router_cpu_us_per_req']:.0f} us")
+                          f"{p['router']['router_cpu_us_per_req']:.0f} us",
+                          f"{p['router']['envoy_cpu_us_per_req']:.0f} us ({p['direct']['envoy_cpu_us_per_req']:.0f})")
         console.print(table)
         if rates:
             console.print(f"highest offered rate with added p99 <= {args.p99_budget_ms} ms: "

@@ -219,13 +219,14 @@ def _ext_proc_filter() -> dict[str, Any]:
             "failure_mode_allow": False,
             "message_timeout": _EXTPROC_MESSAGE_TIMEOUT,
             "allow_mode_override": True,
-            "send_body_without_waiting_for_header_response": True,
             # Only the router's own namespace may be written; it feeds response_headers_to_add.
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
-            # request headers SEND + body STREAMED + send_body_without_waiting_for_header_response:
-            # Envoy sends the headers and the body chunks without waiting for the headers answer,
-            # so the router reads both in one round trip and answers the *headers* message with
-            # its routing decision (target-pod) once the body is parsed.
+            # request headers SEND + body BUFFERED: the router answers the headers at once (it only
+            # strips a spoofed target-pod there) and routes in its answer to the one buffered body
+            # message. Measured against STREAMED + send_body_without_waiting_for_header_response
+            # (one round trip, but three messages each way): the same latency at concurrency 1 and
+            # about a third less Envoy CPU per request (~250 vs ~370 us), which is what limits
+            # throughput on a small machine. The router handles both modes.
             # response headers SKIP / body NONE: the router's response headers come from dynamic
             # metadata via the route's response_headers_to_add, so responses cost no round trip and
             # SSE streams flow untouched.
@@ -238,7 +239,7 @@ def _ext_proc_filter() -> dict[str, Any]:
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SKIP",
-                "request_body_mode": "STREAMED",
+                "request_body_mode": "BUFFERED",
                 "response_body_mode": "NONE",
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SEND",

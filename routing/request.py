@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ def parse_body(path: str, raw: bytes | bytearray) -> RoutingRequest:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise _bad(f"request body is not valid JSON: {exc}") from None
+        body = _strict_fallback(raw, exc)
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object")
     model = body.get("model")
@@ -64,6 +65,15 @@ def parse_body(path: str, raw: bytes | bytearray) -> RoutingRequest:
     prompt = render_messages(body.get("messages")) if path == CHAT_PATH else render_prompt(body.get("prompt"))
     return RoutingRequest(path=path, model=model, prompt=prompt, stream=stream, max_tokens=max_tokens,
                           body=body)
+
+
+def _strict_fallback(raw: bytes | bytearray, exc: orjson.JSONDecodeError) -> Any:
+    # orjson rejects integers beyond 64 bits, which JSON allows (e.g. in logit_bias); only then
+    # does the slower standard parser get a second look.
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _bad(f"request body is not valid JSON: {exc}") from None
 
 
 def render_messages(messages: Any) -> str:

@@ -10,9 +10,9 @@ from collections import Counter
 import aiohttp
 import orjson
 import pytest
-from multidict import CIMultiDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 from extproc_router.stack import LocalStack, free_port
 
@@ -132,7 +132,7 @@ async def test_oversized_body_is_413(stack: LocalStack) -> None:
     limit = stack.max_body_bytes()
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * (limit + 10)}]}
     async with aiohttp.ClientSession() as s:
-        status, hdrs, body = await post(s, stack, big)
+        status, _hdrs, body = await post(s, stack, big)
         assert status == 413, body[:200]
         assert orjson.loads(body)["error"]["code"] == "request_too_large"
         # A body just under the limit still routes.
@@ -166,7 +166,8 @@ async def test_sse_arrives_chunk_by_chunk(stack: LocalStack) -> None:
 async def test_aborted_client_releases_inflight(stack: LocalStack) -> None:
     body = {**CHAT, "stream": True, "max_tokens": 200}
     async with aiohttp.ClientSession() as s:
-        resp = await s.post(stack.url + "/v1/chat/completions", json=body, headers={"routing-strategy": "least-request"})
+        resp = await s.post(stack.url + "/v1/chat/completions", json=body,
+                            headers={"routing-strategy": "least-request"})
         assert resp.status == 200
         await resp.content.readline()
         assert sum((await router_metric(stack, "extproc_inflight_requests")).values()) == 1
@@ -188,7 +189,9 @@ async def test_metrics_count_requests_by_model_strategy_pod_status(stack: LocalS
     assert sum(lat.values()) > 0
 
 
-_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+_scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+            | st.text(max_size=20))
+_json_values = st.recursive(_scalars,
                             lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
                             max_leaves=12)
 _bodies = st.one_of(

@@ -219,12 +219,11 @@ def test_pod_route_cluster_and_security_settings() -> None:
     assert xp["failure_mode_allow"] is False
     assert xp["message_timeout"] == "60s"
     assert xp["allow_mode_override"] is True
-    assert xp["send_body_without_waiting_for_header_response"] is True
     assert xp["metadata_options"] == {"receiving_namespaces": {"untyped": ["extproc-router"]}}
     assert xp["processing_mode"] == {
         "request_header_mode": "SEND",
         "response_header_mode": "SKIP",
-        "request_body_mode": "STREAMED",
+        "request_body_mode": "BUFFERED",
         "response_body_mode": "NONE",
         "request_trailer_mode": "SKIP",
         "response_trailer_mode": "SEND",
@@ -629,7 +628,8 @@ async def test_live_router_down_gives_openai_error_and_models_still_served(tmp_p
 
 
 class FakeRouter(ep_grpc.ExternalProcessorServicer):
-    """A minimal router: routes after the whole body, records decisions as dynamic metadata."""
+    """A minimal router for the BUFFERED body mode the bootstrap uses: answers the headers at once,
+    routes in its answer to the buffered body, records decisions as dynamic metadata."""
 
     def __init__(self, pod: str) -> None:
         self.pod = pod
@@ -637,7 +637,6 @@ class FakeRouter(ep_grpc.ExternalProcessorServicer):
         self.stream_ends: list[float] = []
 
     async def Process(self, requests: Any, context: Any) -> AsyncIterator[ep.ProcessingResponse]:
-        pending_body = 0
         headers: dict[str, str] = {}
         try:
             async for req in requests:
@@ -650,19 +649,16 @@ class FakeRouter(ep_grpc.ExternalProcessorServicer):
                         return
                     if req.request_headers.end_of_stream:
                         yield self.decision()
+                    else:
+                        yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())
                 elif kind == "request_body":
-                    pending_body += 1
-                    if req.request_body.end_of_stream:
-                        # answer the headers message now (the decision), then every body chunk
-                        yield self.decision()
-                        for _ in range(pending_body):
-                            yield ep.ProcessingResponse(request_body=ep.BodyResponse())
+                    yield self.decision(phase="request_body")
                 elif kind == "response_trailers":
                     yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
         finally:
             self.stream_ends.append(time.monotonic())
 
-    def decision(self) -> ep.ProcessingResponse:
+    def decision(self, phase: str = "request_headers") -> ep.ProcessingResponse:
         metadata = struct_pb2.Struct()
         metadata.update(
             {
@@ -675,6 +671,8 @@ class FakeRouter(ep_grpc.ExternalProcessorServicer):
             append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
         )
         mutation = ep.CommonResponse(header_mutation=ep.HeaderMutation(set_headers=[target]))
+        if phase == "request_body":
+            return ep.ProcessingResponse(request_body=ep.BodyResponse(response=mutation), dynamic_metadata=metadata)
         return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=mutation), dynamic_metadata=metadata)
 
 

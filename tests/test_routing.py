@@ -147,3 +147,8 @@ def test_removed_pod_counters_are_forgotten() -> None:
     assert r.load.total == 0
     r.release(d)
     assert r.load.total == 0
+
+
+def test_integers_beyond_64_bits_are_valid_json() -> None:
+    body = b'{"model": "m", "prompt": "x", "logit_bias": {"1": 123456789012345678901234567890}}'
+    assert parse_body(COMPLETIONS_PATH, body).prompt == "x"
