@@ -6,7 +6,7 @@ client, so this module implements just what a gRPC server needs from RFC 9113: t
 control in both directions, and gRPC length-prefixed messages with status trailers. There is no TLS,
 no compression, no server push and no priority handling.
 
-Performance choices (each measured, see the benchmark in the task report):
+Performance choices (each one measured):
 
 * One ``asyncio.Protocol`` per connection; frames are parsed straight out of the ``bytes`` the
   transport hands us (offsets, not slices or memoryviews), and only a frame split across reads is
@@ -32,7 +32,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import hpack
 from hpack.exceptions import HPACKError
@@ -142,6 +142,7 @@ def _hpack_literal(name: bytes | int, value: bytes) -> bytes:
     return head + _hpack_int(len(value), 7, 0x00) + value
 
 
+_HPACK_TABLE_SIZE_ZERO = b"\x20"  # dynamic table size update (RFC 7541 §6.3) to 0
 _STATUS_200 = b"\x88"  # static table index 8 is ":status: 200"
 _CONTENT_TYPE_GRPC = _hpack_literal(31, b"application/grpc")  # static index 31 is the content-type name
 _RESPONSE_HEADER_BLOCK = _STATUS_200 + _CONTENT_TYPE_GRPC
@@ -171,10 +172,6 @@ def _trailer_block(status: int, message: str, trailers_only: bool) -> bytes:
     return block
 
 
-_INITIAL_SETTINGS_FIELDS = (
-    (_SETTINGS_MAX_FRAME_SIZE, _MAX_FRAME_SIZE),
-    (_SETTINGS_MAX_HEADER_LIST_SIZE, _MAX_HEADER_LIST_SIZE),
-)
 _SETTINGS_ACK_FRAME = _frame(_SETTINGS, _FLAG_ACK, 0)
 
 
@@ -205,10 +202,14 @@ class StreamHandler(Protocol):
     def on_close(self, reset: bool) -> None:
         """The stream is over; called exactly once per stream.
 
-        ``reset`` is False when our trailers had been written before the stream ended (the client then
-        half-closed, or reset, which Envoy does after reading the trailers), and True when the stream
-        ended without them: RST_STREAM from the client, connection lost, GOAWAY with an error, or
-        server stop. It may be called synchronously from inside :meth:`ServerStream.finish`.
+        ``reset`` is False when we had finished (our trailers were written) and the client then
+        half-closed or reset the stream, and True when the stream ended before we finished: RST_STREAM
+        from the client, connection lost, GOAWAY with an error, or server stop.
+
+        Envoy ends every ext_proc stream the same way, whether the HTTP response completed or its client
+        went away: END_STREAM immediately followed by RST_STREAM. A handler that finishes in
+        ``on_half_close`` therefore sees ``reset=False`` in both cases; only what it saw of the response
+        tells them apart. ``on_close`` may run synchronously inside :meth:`ServerStream.finish`.
         """
 
 
@@ -236,16 +237,16 @@ class ServerStream:
         "_remote_closed",
         "_rneed",
         "_send_window",
+        "_sid",
         "_trailers_sent",
         "closed",
         "headers",
         "path",
-        "sid",
     )
 
     def __init__(self, conn: _H2Connection, sid: int, path: str, headers: list[tuple[str, str]]) -> None:
         self._conn = conn
-        self.sid = sid
+        self._sid = sid
         self.path = path
         self.headers = headers
         self.closed = False
@@ -264,7 +265,7 @@ class ServerStream:
         self._rneed = 0  # bytes _rbuf must hold before the next parse step can run
 
     def __repr__(self) -> str:
-        return f"<ServerStream {self.sid} {self.path} closed={self.closed}>"
+        return f"<ServerStream {self._sid} {self.path} closed={self.closed}>"
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -279,12 +280,15 @@ class ServerStream:
             return
         conn = self._conn
         out = conn._out
-        sid = self.sid
+        sid = self._sid
         if not self._headers_sent:
             self._headers_sent = True
-            pos = len(out)
-            out += _RESPONSE_HEADERS_FRAME
-            _U32.pack_into(out, pos + 5, sid)
+            if conn._hpack_prefix:
+                conn._write_header_block(sid, _FLAG_END_HEADERS, _RESPONSE_HEADER_BLOCK)
+            else:
+                pos = len(out)
+                out += _RESPONSE_HEADERS_FRAME
+                _U32.pack_into(out, pos + 5, sid)
         n = len(data) + 5
         if self._pending is None and n <= self._send_window and n <= conn._send_window and n <= conn._peer_max_frame:
             # Fast path: the whole message fits in one DATA frame and in both windows.
@@ -329,10 +333,9 @@ class ServerStream:
 
     def _write_trailers(self, block: bytes) -> None:
         conn = self._conn
-        out = conn._out
-        n = len(block)
-        out += _FRAME_HDR.pack(n >> 8, n & 0xFF, _HEADERS, _FLAG_END_HEADERS | _FLAG_END_STREAM, self.sid)
-        out += block
+        start = len(conn._out)
+        conn._write_header_block(self._sid, _FLAG_END_HEADERS | _FLAG_END_STREAM, block)
+        conn._unsent_trailers = (self._sid, start, len(conn._out))
         self._trailers_sent = True
         if self._remote_closed:
             conn._close_stream(self, False)
@@ -344,7 +347,7 @@ class ServerStream:
             return
         conn = self._conn
         out = conn._out
-        sid = self.sid
+        sid = self._sid
         max_frame = conn._peer_max_frame
         while pending and self._send_window > 0 and conn._send_window > 0:
             n = min(len(pending), self._send_window, conn._send_window, max_frame)
@@ -509,6 +512,10 @@ class _H2Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._out = bytearray()
+        self._unsent_trailers: tuple[int, int, int] | None = None  # (stream id, start, end) in _out
+        # An HPACK dynamic table size update owed to the peer at the start of our next header block.
+        self._hpack_prefix = b""
+        self._peer_table_size = 4096
         self._in_read = False
         self._flush_scheduled = False
         self._dead = False
@@ -543,8 +550,8 @@ class _H2Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement the Transport interface without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Small frames must leave at once (the default loop sets it too; uvloop may not).
@@ -558,12 +565,13 @@ class _H2Connection(asyncio.Protocol):
         settings = (
             (_SETTINGS_MAX_CONCURRENT_STREAMS, server._max_concurrent_streams),
             (_SETTINGS_INITIAL_WINDOW_SIZE, self._local_initial_window),
-            *_INITIAL_SETTINGS_FIELDS,
+            (_SETTINGS_MAX_FRAME_SIZE, self._max_frame_in),
+            (_SETTINGS_MAX_HEADER_LIST_SIZE, _MAX_HEADER_LIST_SIZE),
         )
         # The server preface may be sent before the client's arrives (RFC 9113 §3.4).
         self._out += _frame(_SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in settings))
-        if _CONNECTION_WINDOW_SIZE > _DEFAULT_WINDOW:
-            self._out += _frame(_WINDOW_UPDATE, 0, 0, _U32.pack(_CONNECTION_WINDOW_SIZE - _DEFAULT_WINDOW))
+        if self._recv_window > _DEFAULT_WINDOW:
+            self._out += _frame(_WINDOW_UPDATE, 0, 0, _U32.pack(self._recv_window - _DEFAULT_WINDOW))
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -590,6 +598,10 @@ class _H2Connection(asyncio.Protocol):
         except _ConnectionError as err:
             logger.warning("HTTP/2 connection error %#x: %s", err.code, err)
             self.goaway(err.code, close=True)
+        except Exception:
+            # A bug here must not take the event loop's other connections down with it.
+            logger.exception("HTTP/2 connection failed")
+            self.goaway(_INTERNAL_ERROR, close=True)
         finally:
             self._in_read = False
         if self._out:
@@ -607,6 +619,7 @@ class _H2Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._unsent_trailers = None
         out = self._out
         if not out:
             return
@@ -615,6 +628,15 @@ class _H2Connection(asyncio.Protocol):
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(out)
+
+    def _write_header_block(self, sid: int, flags: int, block: bytes) -> None:
+        """Append a HEADERS frame (blocks are small: never more than one frame)."""
+        if self._hpack_prefix:
+            block = self._hpack_prefix + block
+            self._hpack_prefix = b""
+        n = len(block)
+        self._out += _FRAME_HDR.pack(n >> 8, n & 0xFF, _HEADERS, flags, sid)
+        self._out += block
 
     def goaway(self, code: int, *, close: bool = False) -> None:
         """Send GOAWAY(last stream id, code); close now if asked to or if no stream is open."""
@@ -654,7 +676,7 @@ class _H2Connection(asyncio.Protocol):
             return
         stream._over = True
         stream.closed = True
-        sid = stream.sid
+        sid = stream._sid
         self._streams.pop(sid, None)
         self._blocked.pop(sid, None)
         stream._pending = None
@@ -882,9 +904,10 @@ class _H2Connection(asyncio.Protocol):
             return
         if not sid & 1:
             raise _ConnectionError(_PROTOCOL_ERROR, "even stream id from a client")
+        # Recorded even when ignored below: frames on streams above this id are "idle" stream errors.
+        self._max_sid = sid
         if self._goaway_sent:
             return  # above our GOAWAY's last stream id: ignored, the client may retry elsewhere
-        self._max_sid = sid
         server = self._server
         if len(self._streams) >= server._max_concurrent_streams:
             self._out += _frame(_RST_STREAM, 0, sid, _U32.pack(_REFUSED_STREAM))
@@ -944,6 +967,13 @@ class _H2Connection(asyncio.Protocol):
             raise _ConnectionError(_FRAME_SIZE_ERROR, "RST_STREAM length")
         if not sid:
             raise _ConnectionError(_PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        mark = self._unsent_trailers
+        if mark is not None and mark[0] == sid and mark[2] == len(self._out):
+            # Our trailers for this stream are the last bytes not yet written, and the peer has reset
+            # the stream: drop them. Envoy sends END_STREAM and RST_STREAM together at the end of
+            # every ext_proc stream, so this saves one write syscall per HTTP request.
+            del self._out[mark[1] :]
+            self._unsent_trailers = None
         stream = self._streams.get(sid)
         if stream is None:
             if sid > self._max_sid:
@@ -982,7 +1012,12 @@ class _H2Connection(asyncio.Protocol):
                 self._peer_max_frame = value
             elif key == _SETTINGS_ENABLE_PUSH and value > 1:
                 raise _ConnectionError(_PROTOCOL_ERROR, "ENABLE_PUSH not 0 or 1")
-            # HEADER_TABLE_SIZE: we never index response headers, so the peer's table size is moot.
+            elif key == _SETTINGS_HEADER_TABLE_SIZE:
+                # We never index, so our table is always empty; but a decoder whose limit shrank may
+                # insist on seeing a size update (RFC 7541 §4.2), and a size of 0 is always valid.
+                if value < self._peer_table_size:
+                    self._hpack_prefix = _HPACK_TABLE_SIZE_ZERO
+                self._peer_table_size = value
             # MAX_CONCURRENT_STREAMS / MAX_HEADER_LIST_SIZE: we open no streams; our headers are tiny.
         self._out += _SETTINGS_ACK_FRAME
         if self._blocked:

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 import aiohttp
+import aiohttp.web
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
