@@ -226,6 +226,8 @@ class ExtProcStream:
                 "request-id": self.request_id}
         if d.profile:
             echo["x-aibrix-config-profile"] = d.profile
+        if d.echo:
+            echo.update(d.echo)
         return echo
 
     def _answer_bodyless(self) -> None:

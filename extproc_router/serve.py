@@ -9,7 +9,7 @@ import logging
 import signal
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from discovery.manager import FileDiscovery
 from discovery.static_file import DiscoveryError
@@ -31,6 +31,7 @@ class RouterProcess:
         if not cfg.pods_file:
             raise ConfigError("no pod file: pass --config gateway.yaml")
         self.cfg = cfg
+        disable_created_metrics()  # *_created series only clutter the scrape
         self.registry = CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
         try:

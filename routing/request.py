@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -30,6 +30,9 @@ class RoutingRequest:
     stream: bool = False
     max_tokens: int | None = None
     body: dict[str, Any] | None = None
+    # What a strategy wants the client to see about its decision (e.g. the prefix match), echoed
+    # as response headers when the name is one Envoy's route echoes (envoyconfig RESPONSE_ECHO_HEADERS).
+    annotations: dict[str, str] = field(default_factory=dict)
 
 
 def _bad(message: str, param: str | None = None) -> RoutingError:

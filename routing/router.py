@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from routing.errors import RoutingError
 from routing.load import LoadTracker
@@ -39,6 +39,7 @@ class Decision:
     strategy: str
     strategy_source: str
     profile: str | None = None
+    echo: dict[str, str] = field(default_factory=dict)  # strategy annotations for the response
     released: bool = False
 
 
@@ -102,7 +103,7 @@ class Router:
         pod = strategy.pick(request, ready, self.load, self.rng)
         self.load.acquire(pod.key)
         return Decision(pod=pod, model=request.model, strategy=name, strategy_source=source,
-                        profile=profile.name if profile else None)
+                        profile=profile.name if profile else None, echo=request.annotations)
 
     def release(self, decision: Decision) -> None:
         """End a decision's accounting; safe to call more than once."""
