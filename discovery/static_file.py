@@ -38,6 +38,8 @@ class PodFile:
     pods: list[Pod] = field(default_factory=list)
     model_configs: dict[str, str | None] = field(default_factory=dict)
     router: dict[str, Any] = field(default_factory=dict)
+    users: dict[str, Any] = field(default_factory=dict)  # user -> {rpm, tpm}: validated by the config layer
+    auth: dict[str, Any] = field(default_factory=dict)  # {api_keys: [...]}
 
 
 def _address(where: str, item: dict[str, Any], labels: dict[str, str]) -> str:
@@ -90,10 +92,15 @@ def parse_pod_file(data: Any, source: str = "<config>") -> PodFile:
         data = {}
     if not isinstance(data, dict):
         raise DiscoveryError(f"{source}: top level must be a mapping with 'models'")
-    unknown = set(data) - {"models", "router"}
+    unknown = set(data) - {"models", "router", "users", "auth"}
     if unknown:
-        raise DiscoveryError(f"{source}: unknown top-level key(s) {sorted(unknown)}; allowed: models, router")
-    out = PodFile(router=dict(data.get("router") or {}))
+        raise DiscoveryError(f"{source}: unknown top-level key(s) {sorted(unknown)}; "
+                             "allowed: models, router, users, auth")
+    for key in ("router", "users", "auth"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise DiscoveryError(f"{source}: '{key}' must be a mapping")
+    out = PodFile(router=dict(data.get("router") or {}), users=dict(data.get("users") or {}),
+                  auth=dict(data.get("auth") or {}))
     models = data.get("models") or {}
     if not isinstance(models, dict):
         raise DiscoveryError(f"{source}: 'models' must map model names to their pods")

@@ -35,6 +35,15 @@ class RouterMetrics:
             "(client abort or Envoy reset).", registry=registry)
         self.request_bytes = Counter("extproc_request_body_bytes", "Request body bytes received.",
                                      registry=registry)
+        self.profile_errors = Counter("extproc_profile_errors", "Model config profiles (model.aibrix.ai/config) "
+                                      "that could not be used; the model serves with default routing.",
+                                      ["model"], registry=registry)
+        self.auth_failures = Counter("extproc_auth_failures", "Requests refused for a missing or wrong API key.",
+                                     registry=registry)
+        self.rate_limited = Counter("extproc_rate_limited", "Requests answered 429, by the limit that tripped.",
+                                    ["limit"], registry=registry)
+        self.ratelimit_errors = Counter("extproc_ratelimit_redis_errors", "Redis errors in rate limiting; "
+                                        "requests were let through (fail open).", ["operation"], registry=registry)
         self._req_children: dict[tuple[str, str, str, str], Counter] = {}
         self._lat_children: dict[str, Histogram] = {}
 

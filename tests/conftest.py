@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from extproc_router.stack import LocalStack, StackOptions
+from extproc_router.stack import LocalStack, StackOptions, free_port
 
 
 def start_stack(tmp: Path, **kw: object) -> LocalStack:
@@ -25,3 +29,32 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[tuple[str, int, subprocess.Popen]]:
+    """A real redis-server on a free loopback port (the binary comes from `make test`'s install step)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run `make test` (it installs it) or scripts/install-redis.sh")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("redis-server did not start")
+        time.sleep(0.05)
+    try:
+        yield "127.0.0.1", port, proc
+    finally:
+        proc.terminate()
+        proc.wait(5)
