@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import orjson
@@ -163,3 +164,90 @@ def test_reset_before_answer_counts_and_releases_nothing() -> None:
     h.on_message(headers_msg())
     h.on_close(reset=True)
     assert svc.router.load.total == 0 and svc.active == 0
+
+
+def make_policy_service(**settings: object) -> ExtProcService:
+    router = Router(rng=random.Random(1))
+    pods = [Pod(f"p{i}", f"10.0.0.{i + 1}:8000", "m") for i in range(2)]
+    profiles = orjson.dumps({"defaultProfile": "default", "profiles": {
+        "default": {"routingStrategy": "random"},
+        "low-latency": {"routingStrategy": "least-request", "requestsPerSecond": 2}}}).decode()
+    router.update_snapshot(PodSnapshot.build(pods, {p.key for p in pods}, {"m": profiles}))
+    return ExtProcService(router, RouterMetrics(CollectorRegistry()), ServiceSettings(**settings))
+
+
+def run_request(svc: ExtProcService, body: bytes = CHAT, **headers: str) -> FakeStream:
+    stream = FakeStream()
+    h = svc.handler(stream)
+    h.on_message(headers_msg(pipelined=False, **headers))
+    if not stream.sent or stream.sent[-1].WhichOneof("response") != "immediate_response":
+        h.on_message(body_msg(body, True))
+    h.on_close(reset=False)
+    return stream
+
+
+def test_profile_header_picks_strategy_and_is_echoed() -> None:
+    svc = make_policy_service()
+    md = run_request(svc, config_profile="low-latency").sent[-1].dynamic_metadata.fields["extproc-router"]
+    assert md.struct_value.fields["routing-strategy"].string_value == "least-request"
+    assert md.struct_value.fields["x-aibrix-config-profile"].string_value == "low-latency"
+    md = run_request(svc, config_profile="unknown").sent[-1].dynamic_metadata.fields["extproc-router"]
+    assert md.struct_value.fields["x-aibrix-config-profile"].string_value == "default"
+    assert md.struct_value.fields["routing-strategy"].string_value == "random"
+    # the header still beats the profile's strategy
+    md = run_request(svc, config_profile="low-latency", routing_strategy="random").sent[-1].dynamic_metadata
+    assert md.fields["extproc-router"].struct_value.fields["routing-strategy"].string_value == "random"
+
+
+def test_api_key_required_when_configured() -> None:
+    svc = make_policy_service(api_keys=frozenset({"s3cret"}))
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+        imm = run_request(svc, **headers).sent[-1].immediate_response
+        assert imm.status.code == 401
+        err = orjson.loads(imm.body)["error"]
+        assert err["code"] == "invalid_api_key" and "s3cret" not in imm.body.decode()
+    assert run_request(svc, authorization="Bearer s3cret").sent[-1].WhichOneof("response") == "request_body"
+    assert run_request(svc, authorization="bearer s3cret").sent[-1].WhichOneof("response") == "request_body"
+
+
+def test_profile_rps_limit_gives_429_with_retry_after() -> None:
+    svc = make_policy_service()
+    kinds = [run_request(svc, config_profile="low-latency").sent[-1] for _ in range(3)]
+    assert [k.WhichOneof("response") for k in kinds[:2]] == ["request_body", "request_body"]
+    imm = kinds[2].immediate_response
+    assert imm.status.code == 429
+    hdrs = {h.header.key: h.header.raw_value.decode() for h in imm.headers.set_headers}
+    assert int(hdrs["retry-after"]) >= 1 and "x-error-model-rps-exceeded" in hdrs
+    assert svc.router.load.total == 0
+
+
+def test_tpm_user_streams_need_include_usage_and_response_is_subscribed() -> None:
+    from ratelimit.limits import UserLimits
+    svc = make_policy_service(users={"alice": UserLimits(rpm=0, tpm=10)})
+    stream_body = orjson.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    imm = run_request(svc, stream_body, user="alice").sent[-1].immediate_response
+    assert imm.status.code == 400 and b"include_usage" in imm.body
+    # A non-streaming request: the headers answer subscribes to the response body to count usage.
+    stream = FakeStream()
+    h = svc.handler(stream)
+    h.on_message(headers_msg(pipelined=False, user="alice"))
+    assert stream.sent[0].mode_override.response_body_mode == pm.ProcessingMode.STREAMED
+    h.on_message(body_msg(CHAT, True))
+    h.on_message(ep.ProcessingRequest(response_body=ep.HttpBody(
+        body=b'{"usage": {"total_tokens": 12}}', end_of_stream=True)).SerializeToString())
+    assert stream.sent[-1].WhichOneof("response") == "response_body"
+
+
+async def test_tpm_limit_trips_after_counted_usage() -> None:
+    from ratelimit.limits import UserLimits
+    svc = make_policy_service(users={"alice": UserLimits(rpm=0, tpm=10)})
+    stream = FakeStream()
+    h = svc.handler(stream)
+    h.on_message(headers_msg(pipelined=False, user="alice"))
+    h.on_message(body_msg(CHAT, True))
+    h.on_message(ep.ProcessingRequest(response_body=ep.HttpBody(
+        body=b'{"usage": {"total_tokens": 12}}', end_of_stream=True)).SerializeToString())
+    h.on_close(reset=False)
+    await asyncio.sleep(0)  # token accounting runs as a task
+    imm = run_request(svc, user="alice").sent[-1].immediate_response
+    assert imm.status.code == 429 and "x-error-tpm-exceeded" in {h.header.key for h in imm.headers.set_headers}
