@@ -26,6 +26,11 @@ class RouterConfig:
     reload_interval: float = 1.0
     shutdown_grace: float = 10.0
     log_level: str = "info"
+    # Redis: rate-limit budgets shared by replicas (and, later, state sync). Unset: in-process only.
+    redis_host: str | None = None
+    redis_port: int = 6379
+    redis_password: str | None = None
+    redis_tls: bool = False
 
 
 # Environment variables users of the reference gateway already know, plus ours for the rest.
@@ -36,11 +41,24 @@ ENV_VARS: dict[str, str] = {
     "EXTPROC_ROUTER_HTTP_LISTEN": "http_listen",
     "EXTPROC_ROUTER_HEALTH_INTERVAL": "health_interval",
     "EXTPROC_ROUTER_LOG_LEVEL": "log_level",
+    "REDIS_HOST": "redis_host",
+    "REDIS_PORT": "redis_port",
+    "REDIS_PASSWORD": "redis_password",
+    "REDIS_TLS": "redis_tls",
 }
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     kind = {f.name: f.type for f in fields(RouterConfig)}[name]
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
     try:
         if kind == "int":
             if isinstance(value, bool):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from ext_proc.http_app import build_http_app
 from ext_proc.metrics import RouterMetrics, RouterStateCollector
 from ext_proc.service import PROCESS_PATH, ExtProcService, ServiceSettings, models_list
 from extproc_router.config import ConfigError, RouterConfig, split_hostport
+from extproc_router.policy import parse_api_keys, parse_users
 from routing.router import Router, RoutingSettings
 
 log = logging.getLogger("extproc_router")
@@ -43,8 +45,22 @@ class RouterProcess:
                                        poll_interval=cfg.reload_interval, health_interval=cfg.health_interval,
                                        health_timeout=cfg.health_timeout,
                                        unhealthy_threshold=cfg.unhealthy_threshold)
-        self.discovery.load_initial()
-        self.service = ExtProcService(self.router, self.metrics, ServiceSettings(cfg.max_body_bytes))
+        pod_file = self.discovery.load_initial()
+        users, default_limits = parse_users(pod_file.users)
+        settings = ServiceSettings(max_body_bytes=cfg.max_body_bytes,
+                                   api_keys=parse_api_keys(pod_file.auth, os.environ),
+                                   users=users, default_user_limits=default_limits)
+        self.redis = None
+        limiter = None
+        if cfg.redis_host:
+            import redis.asyncio as aioredis
+
+            from ratelimit.redis_limiter import RedisLimiter
+            self.redis = aioredis.Redis(host=cfg.redis_host, port=cfg.redis_port, password=cfg.redis_password,
+                                        ssl=cfg.redis_tls, socket_connect_timeout=1.0, socket_timeout=1.0,
+                                        health_check_interval=30)
+            limiter = RedisLimiter(self.redis, on_error=lambda op: self.metrics.ratelimit_errors.labels(op).inc())
+        self.service = ExtProcService(self.router, self.metrics, settings, limiter=limiter)
         self.draining = False
         self.grpc = GrpcServer({
             PROCESS_PATH: self.service.handler,
@@ -58,6 +74,17 @@ class RouterProcess:
         return self.discovery.ready and not self.draining
 
     async def start(self) -> None:
+        if self.redis is not None:
+            try:
+                await self.redis.ping()
+                log.info("Redis at %s:%d: rate limits are shared by every replica", self.cfg.redis_host,
+                         self.cfg.redis_port)
+            except Exception as exc:
+                log.warning("Redis at %s:%d is unreachable (%s): rate limits fail open until it answers",
+                            self.cfg.redis_host, self.cfg.redis_port, exc)
+        elif self.service.settings.users:
+            log.warning("no REDIS_HOST: per-user limits are counted in this process only; with N replicas "
+                        "a user gets N times the configured budget")
         await self.discovery.start()
         host, port = split_hostport(self.cfg.grpc_listen, "grpc_listen")
         self.grpc_port = await self.grpc.start(host, port)
@@ -81,6 +108,8 @@ class RouterProcess:
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         await self.discovery.stop()
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 async def serve(cfg: RouterConfig) -> int:
