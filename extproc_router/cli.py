@@ -21,6 +21,10 @@ CURL_LINES = """\
   curl -s -N {url}/v1/chat/completions -H "routing-strategy: least-request" -H "Content-Type: application/json" \\
     -d '{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "Summarize: ..."}}]}}'
 
+  # config profile: demo-model's "low-latency" profile routes with least-request
+  curl -s -i {url}/v1/chat/completions -H "config-profile: low-latency" -H "Content-Type: application/json" \
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "temperature": 0.7}}'
+
   # completions API, models list, router metrics
   curl -s {url}/v1/completions -H "routing-strategy: random" -H "Content-Type: application/json" \\
     -d '{{"model": "{model}", "prompt": "Say this is a test", "max_tokens": 8}}'
@@ -161,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     from simulator.cli import register as register_sim
     register_sim(sub)
     register_envoy_config(sub)
+    from loadtest.cli import register as register_loadtest; register_loadtest(sub)  # noqa: E702
     return parser
 
 

@@ -18,6 +18,16 @@ from pathlib import Path
 
 import yaml
 
+# `make run` ships demo-model with two profiles, so the seed's `config-profile: low-latency` request
+# shows a different strategy in its response headers than the default one.
+DEMO_PROFILES = {
+    "defaultProfile": "default",
+    "profiles": {
+        "default": {"routingStrategy": "random"},
+        "low-latency": {"routingStrategy": "least-request"},
+    },
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -82,6 +92,8 @@ class StackOptions:
     sim_args: list[str] = field(default_factory=list)
     health_interval: float = 1.0
     quiet: bool = False
+    model_config: dict | None = field(default_factory=lambda: dict(DEMO_PROFILES))
+    file_extra: dict = field(default_factory=dict)  # other top-level keys of the gateway file (users, auth)
 
     @classmethod
     def on_free_ports(cls, **kw: object) -> StackOptions:
@@ -145,9 +157,11 @@ class LocalStack:
             if pod.labels:
                 entry["labels"] = dict(pod.labels)
             models.setdefault(pod.model, {"pods": []})["pods"].append(entry)
+        if self.opts.model_config and self.opts.model in models:
+            models[self.opts.model]["config"] = self.opts.model_config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.pod_file.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+        tmp.write_text(yaml.safe_dump({**self.opts.file_extra, "models": models}, sort_keys=False))
         tmp.replace(self.pod_file)  # atomic: the router never reads a half-written file
 
     def start_router(self) -> None:
