@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from routing.errors import RoutingError
 from routing.load import LoadTracker
+from routing.multi import combine, is_multi, normalise, parse_spec
 from routing.pods import ModelEntry, Pod, PodSnapshot
 from routing.request import RoutingRequest
 from routing.strategies import Strategy, builtin_strategies
@@ -91,6 +92,8 @@ class Router:
         entry = self.model_entry(request.model)
         name, source = self.resolve_strategy(strategy_header, profile)
         strategy = self.strategies.get(name)
+        if strategy is None and is_multi(name):
+            return self._decide_weighted(request, entry, name, source, profile)
         if strategy is None:
             raise RoutingError(400, f"incorrect routing strategy {name!r}; valid strategies: "
                                f"{', '.join(self.strategy_names())}", code="invalid_routing_strategy",
@@ -103,6 +106,30 @@ class Router:
         pod = strategy.pick(request, ready, self.load, self.rng)
         self.load.acquire(pod.key)
         return Decision(pod=pod, model=request.model, strategy=name, strategy_source=source,
+                        profile=profile.name if profile else None, echo=request.annotations)
+
+    def _decide_weighted(self, request: RoutingRequest, entry: ModelEntry, spec: str, source: str,
+                         profile: ProfileChoice | None) -> Decision:
+        """`name:weight,...`: every strategy scores every ready pod; the best weighted sum wins."""
+        parts = parse_spec(spec, self.strategy_names())
+        scorers = []
+        for part in parts:
+            strategy = self.strategies[part.name]
+            if not hasattr(strategy, "score"):
+                raise RoutingError(400, f"routing strategy {part.name!r} cannot be combined with others",
+                                   code="invalid_routing_strategy", param="routing-strategy", cause="routing")
+            scorers.append((part.weight, strategy))
+        ready = entry.ready
+        if not ready:
+            raise RoutingError(503, f"no ready pod for model `{request.model}` "
+                               f"({len(entry.pods)} known, 0 passing health checks)",
+                               code="service_unavailable", cause="no-model-backends")
+        per_strategy = [(w, normalise(s.score(request, ready, self.load, self.rng), s.higher_is_better))
+                        for w, s in scorers]
+        pod = ready[combine(per_strategy, self.rng)]
+        self.load.acquire(pod.key)
+        canonical = ",".join(f"{p.name}:{p.weight}" for p in parts)
+        return Decision(pod=pod, model=request.model, strategy=canonical, strategy_source=source,
                         profile=profile.name if profile else None, echo=request.annotations)
 
     def release(self, decision: Decision) -> None:

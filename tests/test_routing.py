@@ -152,3 +152,18 @@ def test_removed_pod_counters_are_forgotten() -> None:
 def test_integers_beyond_64_bits_are_valid_json() -> None:
     body = b'{"model": "m", "prompt": "x", "logit_bias": {"1": 123456789012345678901234567890}}'
     assert parse_body(COMPLETIONS_PATH, body).prompt == "x"
+
+
+def test_weighted_multi_strategy_through_the_router() -> None:
+    r = make_router(n=3)
+    req = parse_body(CHAT_PATH, chat())
+    busy = [r.decide(req, "least-request") for _ in range(2)]  # p? and p? now hold one each
+    d = r.decide(req, "least-request:5,random:1")
+    assert r.load.inflight(d.pod.key) == 1  # the idle pod wins: least-request dominates by weight
+    assert d.pod.key not in {b.pod.key for b in busy}
+    assert d.strategy == "least-request:5,random:1"
+    with pytest.raises(RoutingError) as exc:
+        r.decide(req, "least-request:2,fastest:1")
+    assert exc.value.status == 400 and "fastest" in exc.value.message
+    with pytest.raises(RoutingError):
+        r.decide(req, "least-request:two")

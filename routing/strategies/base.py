@@ -20,3 +20,15 @@ class Strategy(Protocol):
              rng: random.Random) -> Pod:
         """Return one of `pods` (never empty) for `request`."""
         ...
+
+
+class ScoringStrategy(Strategy, Protocol):
+    """A strategy that can also rank every pod, so it can be mixed with others by weight
+    (`least-request:2,prefix-cache:1`)."""
+
+    higher_is_better: bool
+
+    def score(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker,
+              rng: random.Random) -> list[float]:
+        """One raw score per pod, in the order of `pods`."""
+        ...

@@ -12,6 +12,7 @@ from routing.request import RoutingRequest
 
 class LeastRequestStrategy:
     name = "least-request"
+    higher_is_better = False
 
     def pick(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker,
              rng: random.Random) -> Pod:
@@ -24,3 +25,7 @@ class LeastRequestStrategy:
             elif n == best_n:
                 best.append(pod)
         return best[rng.randrange(len(best))] if len(best) > 1 else best[0]
+
+    def score(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker,
+              rng: random.Random) -> list[float]:
+        return [float(load.inflight(p.key)) for p in pods]

@@ -12,7 +12,12 @@ from routing.request import RoutingRequest
 
 class RandomStrategy:
     name = "random"
+    higher_is_better = True
 
     def pick(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker,
              rng: random.Random) -> Pod:
         return pods[rng.randrange(len(pods))] if len(pods) > 1 else pods[0]
+
+    def score(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker,
+              rng: random.Random) -> list[float]:
+        return [rng.random() for _ in pods]
