@@ -21,6 +21,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import orjson
@@ -71,9 +72,9 @@ class Procs:
         self.workdir = workdir
         self.procs: list[subprocess.Popen] = []
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.procs.append(p)
         return p
 
@@ -93,11 +94,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# Scenarios: what the router does per request besides picking a pod (issue 6's added cost).
+SCENARIOS = {
+    "plain": {"headers": ["routing-strategy: random"], "file": {}},
+    "profile": {"headers": ["config-profile: fast"],
+                "config": {"defaultProfile": "default", "profiles": {"default": {"routingStrategy": "random"},
+                                                                     "fast": {"routingStrategy": "random"}}},
+                "file": {}},
+    "ratelimit": {"headers": ["routing-strategy: random", "user: bench"],
+                  "file": {"users": {"bench": {"rpm": 1_000_000_000}}}},
+    "ratelimit-redis": {"headers": ["routing-strategy: random", "user: bench"],
+                        "file": {"users": {"bench": {"rpm": 1_000_000_000}}}, "redis": True},
+}
+
+
 def run_load(port: int, body_file: Path, *, concurrency: int = 1, rate: float = 0, duration: float,
-             warmup: float) -> dict:
+             warmup: float, headers: list[str] | None = None) -> dict:
     argv = [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port), "--body-file", str(body_file),
             "--concurrency", str(concurrency), "--rate", str(rate), "--duration", str(duration),
-            "--warmup", str(warmup), "--header", "routing-strategy: random"]
+            "--warmup", str(warmup)]
+    for h in headers or ["routing-strategy: random"]:
+        argv += ["--header", h]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + warmup + 60, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -114,6 +131,8 @@ def main() -> int:
     ap.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (both arms)")
     ap.add_argument("--extproc-patch", default="", metavar="JSON",
                     help="JSON merged into the ext_proc filter config of the router arm (to compare Envoy settings)")
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="plain",
+                    help="plain routing; a config profile; a user rate limit in-process or in Redis")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -135,13 +154,25 @@ def main() -> int:
         backend = f"127.0.0.1:{backend_port}"
         wait_http(f"http://{backend}/health", 10, what="backend")
         pod_file = work / "pods.yaml"
-        pod_file.write_text(yaml.safe_dump({"models": {MODEL: {"pods": [{"name": "pod-0", "address": backend}]}}}))
+        scenario = SCENARIOS[args.scenario]
+        model: dict = {"pods": [{"name": "pod-0", "address": backend}]}
+        if scenario.get("config"):
+            model["config"] = scenario["config"]
+        pod_file.write_text(yaml.safe_dump({**scenario["file"], "models": {MODEL: model}}))
+        router_env = dict(os.environ)
+        if scenario.get("redis"):
+            redis_port = free_port()
+            procs.spawn("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no"])
+            time.sleep(0.3)
+            router_env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_port))
         grpc_port, http_port = free_port(), free_port()
         # BENCH_ROUTER_WRAP: run the router under a wrapper script (a profiler, a GC probe).
         launcher = os.environ.get("BENCH_ROUTER_WRAP", "").split() or ["-m", "extproc_router"]
         router = procs.spawn("router", [sys.executable, *launcher, "serve", "--config", str(pod_file),
                                         "--grpc-listen", f"127.0.0.1:{grpc_port}",
-                                        "--http-listen", f"127.0.0.1:{http_port}", "--log-level", "warning"])
+                                        "--http-listen", f"127.0.0.1:{http_port}", "--log-level", "warning"],
+                              env=router_env)
         wait_http(f"http://127.0.0.1:{http_port}/ready", 20, router, "router")
         values = load_values(None)
         arms = {}
@@ -172,7 +203,8 @@ def main() -> int:
                 point = {"body_bytes": size, "concurrency": conc}
                 for arm, port in arms.items():
                     c0, e0 = cpu_seconds(router.pid), cpu_seconds(envoy_pids[arm])
-                    res = run_load(port, body_file, concurrency=conc, duration=args.duration, warmup=args.warmup)
+                    res = run_load(port, body_file, concurrency=conc, duration=args.duration, warmup=args.warmup,
+                                   headers=scenario["headers"])
                     n = max(1, res["requests"] * (1 + args.warmup / args.duration))
                     res["router_cpu_us_per_req"] = (cpu_seconds(router.pid) - c0) * 1e6 / n
                     res["envoy_cpu_us_per_req"] = (cpu_seconds(envoy_pids[arm]) - e0) * 1e6 / n
@@ -192,7 +224,8 @@ def main() -> int:
                 point = {"offered_rps": rate}
                 for arm, port in arms.items():
                     c0, e0 = cpu_seconds(router.pid), cpu_seconds(envoy_pids[arm])
-                    res = run_load(port, body_file, rate=rate, duration=args.duration, warmup=args.warmup)
+                    res = run_load(port, body_file, rate=rate, duration=args.duration, warmup=args.warmup,
+                                   headers=scenario["headers"])
                     res["router_cpu_share"] = (cpu_seconds(router.pid) - c0) / (args.duration + args.warmup)
                     res["envoy_cpu_share"] = (cpu_seconds(envoy_pids[arm]) - e0) / (args.duration + args.warmup)
                     point[arm] = res
@@ -213,7 +246,7 @@ def main() -> int:
                     break
             results["max_rps_within_budget"] = best
 
-        table = Table(title="extproc-router overhead (router arm minus direct arm)")
+        table = Table(title=f"extproc-router overhead (router arm minus direct arm), scenario {args.scenario}")
         for col in ("body", "conc", "direct p50", "router p50", "added p50", "direct p99", "router p99", "added p99",
                     "router req/s", "router CPU/req", "Envoy CPU/req (direct)"):
             table.add_column(col, justify="right")

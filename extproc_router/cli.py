@@ -51,6 +51,13 @@ def _install_uvloop() -> None:
     uvloop.install()
 
 
+def _non_negative_seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from discovery.static_file import DiscoveryError, read_pod_file
     from extproc_router.config import ConfigError, build_config
@@ -58,8 +65,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level or os.environ.get("EXTPROC_ROUTER_LOG_LEVEL", "info"))
     log = logging.getLogger("extproc_router")
+    if args.discovery == "file" and not args.config:
+        log.error("serve: --config FILE is required with --discovery file")
+        return 2
     try:
-        section = read_pod_file(args.config).router
+        section = read_pod_file(args.config).router if args.config else {}
         cfg = build_config(section, flags={
             "pods_file": args.config, "grpc_listen": args.grpc_listen, "http_listen": args.http_listen,
             "routing_algorithm": args.routing_algorithm, "max_body_bytes": args.max_body_bytes,
@@ -68,8 +78,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, DiscoveryError) as exc:
         log.error("%s", exc)
         return 2
+    make_discovery = None
+    if args.discovery == "kubernetes":
+        from functools import partial
+
+        from discovery.kubernetes import KubernetesDiscovery
+        make_discovery = partial(KubernetesDiscovery, namespaces=tuple(args.namespace or ()))
     _install_uvloop()
-    return asyncio.run(serve(cfg))
+    return asyncio.run(serve(cfg, make_discovery, drain_delay=args.drain_delay))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -131,7 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run one router process. Pods and models come from --config, which is "
                                    "re-read when it changes. Env: ROUTING_ALGORITHM (default strategy), "
                                    "AIBRIX_GRPC_MAX_MESSAGE_SIZE_BYTES (body limit).")
-    p.add_argument("--config", "-c", required=True, metavar="FILE", help="pod file (YAML): models and their pods")
+    p.add_argument("--config", "-c", metavar="FILE",
+                   help="gateway file (YAML): models and their pods, users, API keys, router settings; "
+                        "required with --discovery file, optional with kubernetes (pods are then ignored)")
+    p.add_argument("--discovery", choices=["file", "kubernetes"], default="file",
+                   help="where pods come from: --config (default), or the Kubernetes API: pods labelled "
+                        "model.aibrix.ai/name, in-cluster service account or KUBECONFIG")
+    p.add_argument("--namespace", action="append", metavar="NS",
+                   help="kubernetes discovery: watch this namespace; repeat for several (default: all)")
     p.add_argument("--grpc-listen", metavar="HOST:PORT", help="ext_proc gRPC address (default 127.0.0.1:50052)")
     p.add_argument("--http-listen", metavar="HOST:PORT",
                    help="/metrics, /v1/models, /health, /ready (default 127.0.0.1:8080)")
@@ -142,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-interval", type=float, metavar="SECONDS", help="pod health-check period (default 1)")
     p.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
                    help="time in-flight requests get on SIGTERM (default 10)")
+    p.add_argument("--drain-delay", type=_non_negative_seconds, default=0.0, metavar="SECONDS",
+                   help="on SIGTERM, readiness goes false this long before new streams are refused, so "
+                        "Envoy and Kubernetes can move traffic first (default 0)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -165,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     from simulator.cli import register as register_sim
     register_sim(sub)
     register_envoy_config(sub)
-    from loadtest.cli import register as register_loadtest; register_loadtest(sub)  # noqa: E702
+    from loadtest.cli import register as register_loadtest; register_loadtest(sub)  # noqa: E702, I001
     return parser
 
 

@@ -8,12 +8,14 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import Callable
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from discovery.manager import FileDiscovery
-from discovery.static_file import DiscoveryError
+from discovery.static_file import DiscoveryError, PodFile, read_pod_file
 from ext_proc.h2grpc import GrpcServer
 from ext_proc.health import HEALTH_CHECK_PATH, HealthHandler
 from ext_proc.http_app import build_http_app
@@ -21,17 +23,39 @@ from ext_proc.metrics import RouterMetrics, RouterStateCollector
 from ext_proc.service import PROCESS_PATH, ExtProcService, ServiceSettings, models_list
 from extproc_router.config import ConfigError, RouterConfig, split_hostport
 from extproc_router.policy import parse_api_keys, parse_users
+from routing.pods import PodSnapshot
 from routing.router import Router, RoutingSettings
 
 log = logging.getLogger("extproc_router")
 
 
-class RouterProcess:
-    """Everything one router process runs. `start()` then `stop()`; used by `serve` and tests."""
+class PodSource(Protocol):
+    """Pod discovery as the router needs it (FileDiscovery, KubernetesDiscovery): snapshots go to the
+    `publish` callback it was made with; `ready` once the first pod set is known."""
 
-    def __init__(self, cfg: RouterConfig) -> None:
-        if not cfg.pods_file:
+    ready: bool
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+DiscoveryFactory = Callable[[Callable[[PodSnapshot], None]], PodSource]
+
+
+class RouterProcess:
+    """Everything one router process runs. `start()` then `stop()`; used by `serve` and tests.
+
+    Pods come from `cfg.pods_file` unless `make_discovery` builds another source (it gets the
+    router's publish callback); the gateway file, when given, still supplies users and API keys.
+    On stop, readiness is false for `drain_delay` seconds before new streams are refused.
+    """
+
+    def __init__(self, cfg: RouterConfig, make_discovery: DiscoveryFactory | None = None, *,
+                 drain_delay: float = 0.0) -> None:
+        if make_discovery is None and not cfg.pods_file:
             raise ConfigError("no pod file: pass --config gateway.yaml")
+        self.drain_delay = drain_delay
         self.cfg = cfg
         disable_created_metrics()  # *_created series only clutter the scrape
         self.registry = CollectorRegistry()
@@ -41,11 +65,19 @@ class RouterProcess:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.registry.register(RouterStateCollector(lambda: self.router))
-        self.discovery = FileDiscovery(cfg.pods_file, self.router.update_snapshot,
-                                       poll_interval=cfg.reload_interval, health_interval=cfg.health_interval,
-                                       health_timeout=cfg.health_timeout,
-                                       unhealthy_threshold=cfg.unhealthy_threshold)
-        pod_file = self.discovery.load_initial()
+        self.discovery: PodSource
+        if make_discovery is None:
+            file_discovery = FileDiscovery(cfg.pods_file, self.router.update_snapshot,
+                                           poll_interval=cfg.reload_interval, health_interval=cfg.health_interval,
+                                           health_timeout=cfg.health_timeout,
+                                           unhealthy_threshold=cfg.unhealthy_threshold)
+            pod_file = file_discovery.load_initial()
+            self.discovery = file_discovery
+        else:
+            pod_file = read_pod_file(cfg.pods_file) if cfg.pods_file else PodFile()
+            if pod_file.pods:
+                log.warning("%s lists pods; they are ignored: pods come from discovery", cfg.pods_file)
+            self.discovery = make_discovery(self.router.update_snapshot)
         users, default_limits = parse_users(pod_file.users)
         settings = ServiceSettings(max_body_bytes=cfg.max_body_bytes,
                                    api_keys=parse_api_keys(pod_file.auth, os.environ),
@@ -53,12 +85,10 @@ class RouterProcess:
         self.redis = None
         limiter = None
         if cfg.redis_host:
-            import redis.asyncio as aioredis
-
             from ratelimit.redis_limiter import RedisLimiter
-            self.redis = aioredis.Redis(host=cfg.redis_host, port=cfg.redis_port, password=cfg.redis_password,
-                                        ssl=cfg.redis_tls, socket_connect_timeout=1.0, socket_timeout=1.0,
-                                        health_check_interval=30)
+            from ratelimit.resp import PipelinedRedis
+            self.redis = PipelinedRedis(cfg.redis_host, cfg.redis_port, password=cfg.redis_password,
+                                        tls=cfg.redis_tls, timeout=1.0)
             limiter = RedisLimiter(self.redis, on_error=lambda op: self.metrics.ratelimit_errors.labels(op).inc())
         self.service = ExtProcService(self.router, self.metrics, settings, limiter=limiter)
         self.draining = False
@@ -76,7 +106,7 @@ class RouterProcess:
     async def start(self) -> None:
         if self.redis is not None:
             try:
-                await self.redis.ping()
+                await self.redis.call("PING")
                 log.info("Redis at %s:%d: rate limits are shared by every replica", self.cfg.redis_host,
                          self.cfg.redis_port)
             except Exception as exc:
@@ -104,17 +134,23 @@ class RouterProcess:
     async def stop(self) -> None:
         """Readiness goes false first, then in-flight streams get `shutdown_grace` to finish."""
         self.draining = True
+        if self.drain_delay > 0 and self.grpc_port:
+            # Still serving new streams: Envoy health checks and Kubernetes endpoints need this long to
+            # see readiness false and move new requests elsewhere; refusing them now would fail them.
+            log.info("readiness is false; refusing new streams in %.1fs", self.drain_delay)
+            await asyncio.sleep(self.drain_delay)
         await self.grpc.stop(self.cfg.shutdown_grace)
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         await self.discovery.stop()
         if self.redis is not None:
-            await self.redis.aclose()
+            await self.redis.close()
 
 
-async def serve(cfg: RouterConfig) -> int:
+async def serve(cfg: RouterConfig, make_discovery: DiscoveryFactory | None = None, *,
+                drain_delay: float = 0.0) -> int:
     try:
-        proc = RouterProcess(cfg)
+        proc = RouterProcess(cfg, make_discovery, drain_delay=drain_delay)
     except (ConfigError, DiscoveryError) as exc:
         log.error("cannot start: %s", exc)
         return 2
@@ -124,7 +160,7 @@ async def serve(cfg: RouterConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await proc.start()
-    except OSError as exc:
+    except (OSError, DiscoveryError) as exc:
         log.error("cannot start: %s", exc)
         await proc.stop()
         return 1

@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from ratelimit.limits import UserLimits, Verdict, window
+from ratelimit.resp import PipelinedRedis, RespError
+
+RedisError = (RespError, ConnectionError, OSError, TimeoutError)
 
 log = logging.getLogger("extproc_router.ratelimit")
 
@@ -41,6 +42,11 @@ redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], 5)
 return 0
 """
+_ADD_SCRIPT = """
+redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], 120)
+return 0
+"""
 _USER_CACHE_S = 5.0
 
 
@@ -48,13 +54,11 @@ class RedisLimiter:
     """Same interface as LocalLimiter. Any Redis error lets the request through (fail open): rate
     limiting must never take routing down; `on_error` is told so it can be logged and counted."""
 
-    def __init__(self, client: aioredis.Redis, *, clock: Callable[[], float] = time.time,
+    def __init__(self, client: PipelinedRedis, *, clock: Callable[[], float] = time.time,
                  on_error: Callable[[str], None] | None = None) -> None:
         self._r = client
         self._clock = clock
         self._on_error = on_error
-        self._user_script = client.register_script(_USER_SCRIPT)
-        self._rps_script = client.register_script(_RPS_SCRIPT)
         self._users: dict[str, tuple[float, UserLimits | None]] = {}
         self._last_warning = 0.0
 
@@ -73,8 +77,8 @@ class RedisLimiter:
         if hit is not None and now - hit[0] < _USER_CACHE_S:
             return hit[1]
         try:
-            raw = await self._r.get(f"aibrix-users/{user}")
-        except (RedisError, OSError) as exc:
+            raw = await self._r.call("GET", f"aibrix-users/{user}")
+        except RedisError as exc:
             self._failed("user lookup", exc)
             return hit[1] if hit else None
         limits = None
@@ -94,18 +98,18 @@ class RedisLimiter:
             if user and limits and (limits.rpm or limits.tpm):
                 minute, left = window(now, 60)
                 tag = f"extproc:rl:{{u:{user}}}"
-                res = await self._user_script(keys=[f"{tag}:rpm:{minute}", f"{tag}:tpm:{minute}"],
-                                              args=[limits.rpm, limits.tpm])
+                res = await self._r.eval_script(_USER_SCRIPT, [f"{tag}:rpm:{minute}", f"{tag}:tpm:{minute}"],
+                                                [limits.rpm, limits.tpm])
                 if res == 1:
                     return Verdict(False, "rpm", left, f"user {user!r} is over {limits.rpm} requests/minute")
                 if res == 2:
                     return Verdict(False, "tpm", left, f"user {user!r} is over {limits.tpm} tokens/minute")
             if model_rps:
                 second, left = window(now, 1)
-                res = await self._rps_script(keys=[f"extproc:rl:{{m:{model}}}:rps:{second}"], args=[model_rps])
+                res = await self._r.eval_script(_RPS_SCRIPT, [f"extproc:rl:{{m:{model}}}:rps:{second}"], [model_rps])
                 if res == 1:
                     return Verdict(False, "model-rps", left, f"model {model!r} is over {model_rps:g} requests/s")
-        except (RedisError, OSError) as exc:
+        except RedisError as exc:
             self._failed("rate-limit check", exc)
         return Verdict.ok()
 
@@ -113,9 +117,6 @@ class RedisLimiter:
         minute, _ = window(self._clock(), 60)
         key = f"extproc:rl:{{u:{user}}}:tpm:{minute}"
         try:
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.incrby(key, tokens)
-                pipe.expire(key, 120)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
+            await self._r.eval_script(_ADD_SCRIPT, [key], [tokens])
+        except RedisError as exc:
             self._failed("token accounting", exc)

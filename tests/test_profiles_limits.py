@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from ratelimit.limits import LocalLimiter, UserLimits
 from ratelimit.redis_limiter import RedisLimiter
+from ratelimit.resp import PipelinedRedis
 from ratelimit.usage import UsageScanner
 from routing.errors import RoutingError
 from routing.multi import combine, normalise, parse_spec
@@ -120,8 +121,8 @@ async def test_local_limiter_rpm_tpm_rps_and_reset() -> None:
 async def test_redis_limiter_shared_by_two_replicas(redis_server: tuple) -> None:
     host, port, _ = redis_server
     now = [2000.0]
-    a = RedisLimiter(aioredis.Redis(host=host, port=port), clock=lambda: now[0])
-    b = RedisLimiter(aioredis.Redis(host=host, port=port), clock=lambda: now[0])
+    a = RedisLimiter(PipelinedRedis(host, port), clock=lambda: now[0])
+    b = RedisLimiter(PipelinedRedis(host, port), clock=lambda: now[0])
     u = UserLimits(rpm=4, tpm=50)
     results = await asyncio.gather(*(lim.check_request("carol", u, "m", None) for lim in (a, b) * 3))
     assert sum(r.allowed for r in results) == 4  # one shared budget, never more
@@ -140,10 +141,23 @@ async def test_redis_limiter_shared_by_two_replicas(redis_server: tuple) -> None
 async def test_redis_down_fails_open(redis_server: tuple) -> None:
     host, port, proc = redis_server
     errors: list[str] = []
-    lim = RedisLimiter(aioredis.Redis(host=host, port=port, socket_connect_timeout=0.5, socket_timeout=0.5),
-                       on_error=errors.append)
+    lim = RedisLimiter(PipelinedRedis(host, port, timeout=0.5), on_error=errors.append)
     assert (await lim.check_request("eve", UserLimits(rpm=1), "m", None)).allowed
     proc.kill()
     proc.wait()
     v = await lim.check_request("eve", UserLimits(rpm=1), "m", None)
     assert v.allowed and errors  # over the limit, but Redis is gone: let it through and say so
+
+
+async def test_pipelined_client_bursts_and_reconnects(redis_server: tuple) -> None:
+    host, port, _ = redis_server
+    c = PipelinedRedis(host, port)
+    results = await asyncio.gather(*(c.call("INCR", "burst") for _ in range(3000)))
+    assert sorted(results) == list(range(1, 3001))  # one connection, every reply to its caller
+    assert await c.call("SET", "k", "v") == b"OK" and await c.call("GET", "k") == b"v"
+    assert await c.call("GET", "missing") is None
+    assert await c.call("MGET", "k", "missing") == [b"v", None]
+    await c.call("CLIENT", "KILL", "TYPE", "normal")  # drop our own connection server-side
+    await asyncio.sleep(0.05)
+    assert await c.call("GET", "k") == b"v"  # reconnected
+    assert await c.eval_script("return ARGV[1]", [], ["x"]) == b"x"
