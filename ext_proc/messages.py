@@ -59,6 +59,27 @@ def routed_response(phase: str, request_headers: Mapping[str, str], echo: Mappin
     return msg.SerializeToString()
 
 
+def routed_with_body(phase: str, request_headers: Mapping[str, str], echo: Mapping[str, str],
+                     body: bytes) -> bytes:
+    """Route and replace the request body (pd: the decode pod's body); content-length follows it."""
+    headers = {**request_headers, "content-length": str(len(body))}
+    common = ep.CommonResponse(header_mutation=_header_mutation(headers), body_mutation=ep.BodyMutation(body=body))
+    if phase == "request_headers":
+        # STREAMED: the headers answer routes; the body arrives with the first chunk's answer.
+        common = ep.CommonResponse(header_mutation=_header_mutation(headers))
+        return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
+                                     dynamic_metadata=_metadata(echo)).SerializeToString()
+    return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common),
+                                 dynamic_metadata=_metadata(echo)).SerializeToString()
+
+
+def body_chunk_replacement(body: bytes | None) -> bytes:
+    """STREAMED mode: the first chunk's answer carries the whole new body, later chunks are cleared."""
+    mutation = ep.BodyMutation(body=body) if body is not None else ep.BodyMutation(clear_body=True)
+    return ep.ProcessingResponse(request_body=ep.BodyResponse(
+        response=ep.CommonResponse(body_mutation=mutation))).SerializeToString()
+
+
 def response_headers_echo(echo: Mapping[str, str]) -> bytes:
     """Answer to a response_headers message (only sent when Envoy is configured to): echo headers."""
     return ep.ProcessingResponse(response_headers=ep.HeadersResponse(

@@ -42,6 +42,11 @@ class RouterMetrics:
                                      registry=registry)
         self.rate_limited = Counter("extproc_rate_limited", "Requests answered 429, by the limit that tripped.",
                                     ["limit"], registry=registry)
+        self.prefill_latency = Histogram("extproc_prefill_seconds", "pd: duration of the router's prefill call.",
+                                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                         registry=registry)
+        self.prefill_failures = Counter("extproc_prefill_failures", "pd: prefill calls that failed or timed out "
+                                        "(answered 503, nothing sent to the decode pod).", registry=registry)
         self.ratelimit_errors = Counter("extproc_ratelimit_redis_errors", "Redis errors in rate limiting; "
                                         "requests were let through (fail open).", ["operation"], registry=registry)
         self._req_children: dict[tuple[str, str, str, str], Counter] = {}

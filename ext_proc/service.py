@@ -23,11 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import orjson
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from ext_proc import messages as msgs
 from ext_proc.metrics import RouterMetrics
+from ext_proc.prefill import FORWARDED_HEADERS, PrefillClient, PrefillError
 from ratelimit.limits import LocalLimiter, UserLimits, Verdict
 from ratelimit.redis_limiter import RedisLimiter
 from ratelimit.usage import UsageScanner
@@ -35,6 +37,7 @@ from routing.errors import RoutingError
 from routing.profiles import ProfileCache
 from routing.request import ROUTED_PATHS, RoutingRequest, parse_body
 from routing.router import Decision, ProfileChoice, Router
+from routing.strategies.pd import PREFILL_LOAD_PREFIX, sglang_bootstrap_port
 
 if TYPE_CHECKING:
     from ext_proc.h2grpc import ServerStream
@@ -47,7 +50,7 @@ _FromString = ep.ProcessingRequest.FromString
 
 # Headers the router reads; everything else in the request is left alone.
 _WANTED = frozenset({":path", ":method", "routing-strategy", "config-profile", "user", "x-request-id",
-                     "target-pod", "authorization"})
+                     "target-pod", "authorization", "content-type", "x-session-id", "traceparent"})
 
 # Response body is only subscribed to for requests whose tokens count against a TPM limit; every
 # field must be set because a mode override replaces the whole mode.
@@ -75,7 +78,7 @@ class ExtProcService:
 
     def __init__(self, router: Router, metrics: RouterMetrics, settings: ServiceSettings | None = None,
                  models_body: Callable[[], dict] | None = None, limiter: Limiter | None = None,
-                 prompt_tokens: Callable[[str], int] | None = None) -> None:
+                 prompt_tokens: Callable[[str], int] | None = None, prefill: PrefillClient | None = None) -> None:
         self.router = router
         self.metrics = metrics
         self.settings = settings or ServiceSettings()
@@ -83,6 +86,7 @@ class ExtProcService:
         self.limiter: Limiter = limiter or LocalLimiter()
         self.profiles = ProfileCache(self._profile_error)
         self.prompt_tokens = prompt_tokens or _estimate_tokens
+        self.prefill = prefill or PrefillClient()
         self.active = 0
         self.tasks: set[asyncio.Task] = set()
 
@@ -353,6 +357,9 @@ class ExtProcStream:
             return
         self.decision = decision
         self.done = True
+        if decision.prefill is not None:
+            svc.spawn(self._prefill_then_route(request, decision, t0))
+            return
         pod = decision.pod
         svc.metrics.observe_decision(decision.strategy, time.perf_counter() - t0)
         svc.metrics.count_request(decision.model, decision.strategy, pod.name, "routed")
@@ -366,6 +373,44 @@ class ExtProcStream:
             for _ in range(self._chunks):
                 send(body_ack)
 
+    async def _prefill_then_route(self, request: RoutingRequest, decision: Decision, t0: float) -> None:
+        """pd: send the prefill call, then route to the decode pod with the body it needs."""
+        svc = self._svc
+        prefill = decision.prefill
+        assert prefill is not None and request.body is not None
+        svc.metrics.observe_decision(decision.strategy, time.perf_counter() - t0)
+        headers = {k: self.headers[k] for k in FORWARDED_HEADERS if k in self.headers}
+        headers["x-request-id"] = self.request_id
+        load_key = PREFILL_LOAD_PREFIX + prefill.key
+        svc.router.load.acquire(load_key)
+        t_prefill = time.perf_counter()
+        try:
+            if decision.engine == "sglang":
+                body = svc.prefill.sglang(prefill, sglang_bootstrap_port(prefill), self.path, request.body, headers)
+            else:
+                body = await svc.prefill.vllm(prefill, self.path, request.body, headers)
+        except PrefillError as exc:
+            svc.metrics.prefill_failures.inc()
+            svc.router.release(decision)
+            self.decision = None
+            if not self.closed:  # nothing was sent to the decode pod
+                self._fail(RoutingError(503, str(exc), code="prefill_failed", cause="prefill"), model=request.model)
+            return
+        finally:
+            svc.router.load.release(load_key)
+        svc.metrics.prefill_latency.observe(time.perf_counter() - t_prefill)
+        if self.closed:
+            return
+        raw = orjson.dumps(body)
+        svc.metrics.count_request(decision.model, decision.strategy, decision.pod.name, "routed")
+        svc.metrics.request_bytes.inc(self._nbytes)
+        send = self._stream.send_message
+        send(msgs.routed_with_body("request_headers" if self._pipelined else "request_body",
+                                   {msgs.TARGET_POD_HEADER: decision.pod.address}, self._echo(), raw))
+        if self._pipelined:
+            for i in range(self._chunks):
+                send(msgs.body_chunk_replacement(raw if i == 0 else None))
+
     def _echo(self) -> dict[str, str]:
         d = self.decision
         if d is None:
@@ -374,6 +419,9 @@ class ExtProcStream:
                 "request-id": self.request_id}
         if d.profile:
             echo["x-aibrix-config-profile"] = d.profile
+        if d.prefill is not None:
+            echo["prefill-target-pod"] = d.prefill.name
+            echo["prefill-target-pod-ip"] = d.prefill.address
         if d.echo:
             echo.update(d.echo)
         return echo

@@ -41,6 +41,8 @@ class Decision:
     strategy_source: str
     profile: str | None = None
     echo: dict[str, str] = field(default_factory=dict)  # strategy annotations for the response
+    prefill: Pod | None = None  # pd: the pod the router sends the prefill call to
+    engine: str = "vllm"  # pd: how the prefill call is made (vllm: sync with kv_transfer_params; sglang)
     released: bool = False
 
 
@@ -103,6 +105,13 @@ class Router:
             raise RoutingError(503, f"no ready pod for model `{request.model}` "
                                f"({len(entry.pods)} known, 0 passing health checks)",
                                code="service_unavailable", cause="no-model-backends")
+        plan_step = getattr(strategy, "plan", None)
+        if plan_step is not None:
+            plan = plan_step(request, entry, self.load, self.rng, profile.name if profile else None)
+            self.load.acquire(plan.decode.key)
+            return Decision(pod=plan.decode, model=request.model, strategy=name, strategy_source=source,
+                            profile=profile.name if profile else None, echo=request.annotations,
+                            prefill=plan.prefill, engine=plan.engine)
         pod = strategy.pick(request, ready, self.load, self.rng)
         self.load.acquire(pod.key)
         return Decision(pod=pod, model=request.model, strategy=name, strategy_source=source,
