@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench clean redis-bin
+.PHONY: run test lint bench clean redis-bin deploy-configs
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP) redis-bin
 ## redis-bin: make sure a redis-server binary exists (tests start their own servers on free ports)
 redis-bin:
 	@command -v redis-server >/dev/null 2>&1 || scripts/install-redis.sh
+
+## deploy-configs: regenerate the Envoy configs under deploy/ (compose file, Kubernetes ConfigMap)
+deploy-configs: $(STAMP)
+	$(PY) deploy/render.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -422,6 +422,12 @@ def _extproc_cluster(endpoints: list[tuple[str, int]]) -> dict[str, Any]:
     cluster["typed_extension_protocol_options"] = {
         _HTTP_OPTIONS_KEY: {_TYPE: _HTTP_OPTIONS_TYPE, "explicit_http_config": {"http2_protocol_options": {}}}
     }
+    # A draining router answers NOT_SERVING before it refuses streams (--drain-delay): with several
+    # replicas Envoy stops sending it new requests within a second instead of failing them.
+    cluster["health_checks"] = [{
+        "timeout": "1s", "interval": "1s", "unhealthy_threshold": 1, "healthy_threshold": 1,
+        "grpc_health_check": {"service_name": "extproc-router"},
+    }]
     return cluster
 
 

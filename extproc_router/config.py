@@ -31,6 +31,19 @@ class RouterConfig:
     redis_port: int = 6379
     redis_password: str | None = None
     redis_tls: bool = False
+    # Prefix-cache routing (the reference's AIBRIX_PREFIX_CACHE_*); values are checked by the strategy,
+    # whose error names the variable. Defaults and their rationale: routing/strategies/prefix_cache.py.
+    prefix_cache_tokenizer_type: str = "character"
+    prefix_cache_block_size: int | None = None  # None: 128 for characters, 16 for tiktoken tokens
+    prefix_cache_hash_seed: int | None = None  # None: the fixed built-in seed, shared by all replicas
+    prefix_cache_max_prefix_blocks: int = 1024
+    prefix_cache_block_number: int = 200_000
+    prefix_cache_eviction_duration_mins: float = 20.0
+    prefix_cache_min_match_pct: float = 10.0
+    prefix_cache_load_guard: str = "cost"
+    prefix_cache_imbalance_abs_count: int = 16
+    prefix_cache_stddev_factor: float = 1.0
+    prefix_cache_cost_request_tokens: float = 256.0
 
 
 # Environment variables users of the reference gateway already know, plus ours for the rest.
@@ -45,7 +58,22 @@ ENV_VARS: dict[str, str] = {
     "REDIS_PORT": "redis_port",
     "REDIS_PASSWORD": "redis_password",
     "REDIS_TLS": "redis_tls",
+    "AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE": "prefix_cache_tokenizer_type",
+    "AIBRIX_PREFIX_CACHE_BLOCK_SIZE": "prefix_cache_block_size",
+    "AIBRIX_PREFIX_CACHE_HASH_SEED": "prefix_cache_hash_seed",
+    "AIBRIX_PREFIX_CACHE_MAX_PREFIX_BLOCKS": "prefix_cache_max_prefix_blocks",
+    "AIBRIX_PREFIX_CACHE_BLOCK_NUMBER": "prefix_cache_block_number",
+    "AIBRIX_PREFIX_CACHE_EVICTION_DURATION_MINS": "prefix_cache_eviction_duration_mins",
+    "AIBRIX_PREFIX_CACHE_MIN_MATCH_PCT": "prefix_cache_min_match_pct",
+    "AIBRIX_PREFIX_CACHE_LOAD_GUARD": "prefix_cache_load_guard",
+    "AIBRIX_PREFIX_CACHE_POD_RUNNING_REQUEST_IMBALANCE_ABS_COUNT": "prefix_cache_imbalance_abs_count",
+    "AIBRIX_PREFIX_CACHE_STANDARD_DEVIATION_FACTOR": "prefix_cache_stddev_factor",
+    "AIBRIX_PREFIX_CACHE_COST_REQUEST_TOKENS": "prefix_cache_cost_request_tokens",
 }
+
+# Settings where 0 is a meaningful value (a seed, a percentage, a threshold, a weight).
+_ZERO_OK = frozenset({"prefix_cache_hash_seed", "prefix_cache_min_match_pct", "prefix_cache_imbalance_abs_count",
+                      "prefix_cache_stddev_factor", "prefix_cache_cost_request_tokens"})
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -59,21 +87,24 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if text in ("0", "false", "no", "off", ""):
             return False
         raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+    kind = kind.removesuffix(" | None")
+    lowest = 0 if name in _ZERO_OK else 1  # ints; floats must be > 0 unless zero is allowed
     try:
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError
             v = int(value)
-            if v <= 0:
+            if v < lowest:
                 raise ValueError
             return v
         if kind == "float":
             v = float(value)
-            if v <= 0:
+            if v < 0 or (v == 0 and lowest) or v != v:
                 raise ValueError
             return v
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}") from None
+        what = "a non-negative" if lowest == 0 else "a positive"
+        raise ConfigError(f"{source}: {name} must be {what} number, got {value!r}") from None
     if value is None or value == "":
         return None
     return str(value)

@@ -19,12 +19,14 @@ from discovery.static_file import DiscoveryError, PodFile, read_pod_file
 from ext_proc.h2grpc import GrpcServer
 from ext_proc.health import HEALTH_CHECK_PATH, HealthHandler
 from ext_proc.http_app import build_http_app
-from ext_proc.metrics import RouterMetrics, RouterStateCollector
+from ext_proc.metrics import PrefixCacheCollector, RouterMetrics, RouterStateCollector
 from ext_proc.service import PROCESS_PATH, ExtProcService, ServiceSettings, models_list
 from extproc_router.config import ConfigError, RouterConfig, split_hostport
 from extproc_router.policy import parse_api_keys, parse_users
+from routing.block_hash import DEFAULT_HASH_SEED
 from routing.pods import PodSnapshot
 from routing.router import Router, RoutingSettings
+from routing.strategies.prefix_cache import PrefixCacheSettings
 
 log = logging.getLogger("extproc_router")
 
@@ -61,10 +63,12 @@ class RouterProcess:
         self.registry = CollectorRegistry()
         self.metrics = RouterMetrics(self.registry)
         try:
-            self.router = Router(RoutingSettings(default_strategy=cfg.routing_algorithm))
+            self.router = Router(RoutingSettings(default_strategy=cfg.routing_algorithm,
+                                                 prefix_cache=prefix_cache_settings(cfg)))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.registry.register(RouterStateCollector(lambda: self.router))
+        self.registry.register(PrefixCacheCollector(lambda: self.router))
         self.discovery: PodSource
         if make_discovery is None:
             file_discovery = FileDiscovery(cfg.pods_file, self.router.update_snapshot,
@@ -145,6 +149,23 @@ class RouterProcess:
         await self.discovery.stop()
         if self.redis is not None:
             await self.redis.close()
+
+
+def prefix_cache_settings(cfg: RouterConfig) -> PrefixCacheSettings:
+    """The `prefix-cache` strategy's settings from the configuration object."""
+    return PrefixCacheSettings(
+        tokenizer_type=cfg.prefix_cache_tokenizer_type,
+        block_size=cfg.prefix_cache_block_size,
+        hash_seed=DEFAULT_HASH_SEED if cfg.prefix_cache_hash_seed is None else cfg.prefix_cache_hash_seed,
+        max_prefix_blocks=cfg.prefix_cache_max_prefix_blocks,
+        block_number=cfg.prefix_cache_block_number,
+        eviction_duration_mins=cfg.prefix_cache_eviction_duration_mins,
+        min_match_pct=cfg.prefix_cache_min_match_pct,
+        load_guard=cfg.prefix_cache_load_guard,
+        imbalance_abs_count=cfg.prefix_cache_imbalance_abs_count,
+        stddev_factor=cfg.prefix_cache_stddev_factor,
+        cost_request_tokens=cfg.prefix_cache_cost_request_tokens,
+    )
 
 
 async def serve(cfg: RouterConfig, make_discovery: DiscoveryFactory | None = None, *,

@@ -22,8 +22,20 @@ Run a simulated vLLM model pod: an OpenAI-compatible HTTP server (/v1/chat/compl
 /v1/completions, /v1/models, /health, /metrics with vLLM metric names) that answers with
 deterministic filler text at a configurable pace, without a GPU. Fault switches make it fail,
 hang, report unhealthy or exit, for testing a gateway. At runtime, POST /sim/faults with
-{"fail_every": N, "stall": bool, "unhealthy": bool} flips faults and GET /sim/stats returns
-request counters. Every response carries the header x-sim-pod: <pod name>.
+{"fail_every": N, "stall": bool, "unhealthy": bool} flips faults, GET /sim/stats returns
+request and engine counters, and POST /sim/reset flushes the prefix cache and zeroes the
+counters (a cold start without a restart). Every response carries the header x-sim-pod: <pod name>.
+
+Two timing modes. --timing fixed (the default): every request gets --ttft-ms to its first token
+and --itl-ms between the others, whatever the load. --timing model: prompts are tokenized
+(--tokenizer) and cut into --block-size blocks held in a prefix-caching KV cache of
+--kv-capacity-tokens (LRU eviction; running requests pin their blocks; requests wait when no
+blocks are free), and a continuous-batching step loop of up to --max-num-seqs sequences sets the
+pace: prefill costs uncached prompt tokens / --prefill-tokens-per-s, a decode step costs
+--decode-step-ms + --decode-ms-per-seq x running sequences, and a step carrying prefill work slows
+every sequence in it. usage.prompt_tokens_details.cached_tokens and vllm:prefix_cache_* report the
+cache hits. The model defaults approximate an 8B model on one H100 under vLLM, except the KV
+capacity, kept ~1/7 of an H100's (~450k tokens) so that benchmarks overflowing one pod stay small.
 """
 
 
@@ -31,7 +43,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Shows defaults (except empty ones) and keeps the description's line breaks."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
+        if action.default is None or isinstance(action.default, bool):  # switches speak for themselves
             return action.help or ""
         return super()._get_help_string(action) or ""
 
@@ -70,8 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
 
     timing = parser.add_argument_group("timing")
-    timing.add_argument("--ttft-ms", type=_non_negative_float, default=20.0, help="time to first token")
-    timing.add_argument("--itl-ms", type=_non_negative_float, default=5.0, help="time between later tokens")
+    timing.add_argument(
+        "--timing",
+        choices=["fixed", "model"],
+        default="fixed",
+        help="fixed: constant --ttft-ms/--itl-ms; model: KV cache + continuous batching (options below)",
+    )
+    timing.add_argument("--ttft-ms", type=_non_negative_float, default=20.0, help="time to first token (fixed)")
+    timing.add_argument("--itl-ms", type=_non_negative_float, default=5.0, help="time between later tokens (fixed)")
     timing.add_argument(
         "--output-tokens",
         type=_positive_int,
@@ -88,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--latency-jitter",
         type=_non_negative_float,
         default=0.0,
-        help="scale each delay by a random factor in [1-J, 1+J]",
+        help="scale each delay (fixed) or step time (model) by a random factor in [1-J, 1+J]",
     )
     timing.add_argument("--seed", type=int, default=0, help="seed of the jitter random generator")
     timing.add_argument(
@@ -101,7 +119,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-capacity-tokens",
         type=_positive_int,
         default=65536,
-        help="KV-cache size in tokens; running tokens / this = vllm:gpu_cache_usage_perc",
+        help="KV-cache size in tokens. model: the prefix cache's capacity, also the longest prompt + output "
+        "accepted (an H100 holds ~450k tokens of an 8B model; the default is smaller so that benchmarks "
+        "overflowing one pod stay quick); fixed: running tokens / this = vllm:gpu_cache_usage_perc",
+    )
+
+    model = parser.add_argument_group("model timing (--timing model)")
+    model.add_argument(
+        "--tokenizer",
+        choices=["cl100k", "bytes"],
+        default="cl100k",
+        help="cl100k: exact OpenAI cl100k ids (usage.prompt_tokens as OpenAI counts); bytes: one token per "
+        "UTF-8 byte, cheaper",
+    )
+    model.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block")
+    model.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="never reuse cached prompt blocks (vLLM without --enable-prefix-caching)",
+    )
+    model.add_argument(
+        "--max-num-batched-tokens",
+        type=_non_negative_int,
+        default=8192,
+        help="tokens one step may compute (decodes + prefill chunks); longer prompts are prefilled in chunks "
+        "over several steps; 0: unlimited, no chunked prefill (8192 is vLLM's OpenAI-server default on H100)",
+    )
+    model.add_argument(
+        "--prefill-tokens-per-s",
+        type=_positive_float,
+        default=12000.0,
+        help="prefill speed for uncached prompt tokens (8B on H100: 16 GFLOP/token at ~20%% of 989 TFLOPS)",
+    )
+    model.add_argument(
+        "--decode-step-ms",
+        type=_non_negative_float,
+        default=8.0,
+        help="fixed cost of every step (8B on H100: 16 GB of weights read at 3.35 TB/s plus overheads)",
+    )
+    model.add_argument(
+        "--decode-ms-per-seq",
+        type=_non_negative_float,
+        default=0.08,
+        help="added step time per decoding sequence (its KV read: ~2k tokens x 128 KiB at 3.35 TB/s)",
+    )
+    model.add_argument(
+        "--kv-transfer-ms-per-1k-tokens",
+        type=_non_negative_float,
+        default=3.0,
+        help="time to receive 1k prompt tokens of KV computed by another pod (128 MiB over a 400 Gb/s NIC); "
+        "for prefill/decode disaggregation",
     )
 
     faults = parser.add_argument_group("faults")
@@ -144,6 +212,15 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         seed=args.seed,
         max_num_seqs=args.max_num_seqs,
         kv_capacity_tokens=args.kv_capacity_tokens,
+        timing=args.timing,
+        tokenizer=args.tokenizer,
+        block_size=args.block_size,
+        prefix_caching=args.prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_tokens_per_s=args.prefill_tokens_per_s,
+        decode_step_ms=args.decode_step_ms,
+        decode_ms_per_seq=args.decode_ms_per_seq,
+        kv_transfer_ms_per_1k_tokens=args.kv_transfer_ms_per_1k_tokens,
         fail_every=args.fail_every,
         stall=args.stall,
         die_after=args.die_after,
@@ -230,6 +307,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from simulator.engine import EngineConfig
+from simulator.engine import EngineConfig, Timing
 
 
 @dataclass
@@ -24,6 +24,17 @@ class SimConfig:
     seed: int | None = 0
     max_num_seqs: int = 256
     kv_capacity_tokens: int = 65536
+    timing: Timing = "fixed"
+    """``fixed``: constant TTFT/ITL; ``model``: KV cache, prefix caching, continuous batching."""
+    tokenizer: str = "cl100k"
+    """How prompts are tokenized under ``model`` timing: ``cl100k`` or ``bytes``."""
+    block_size: int = 16
+    prefix_caching: bool = True
+    max_num_batched_tokens: int = 8192
+    prefill_tokens_per_s: float = 12000.0
+    decode_step_ms: float = 8.0
+    decode_ms_per_seq: float = 0.08
+    kv_transfer_ms_per_1k_tokens: float = 3.0
     fail_every: int = 0
     """Every Nth valid completion request answers 500 (0 = never)."""
     stall: bool = False
@@ -42,4 +53,12 @@ class SimConfig:
             seed=self.seed,
             max_num_seqs=self.max_num_seqs,
             kv_capacity_tokens=self.kv_capacity_tokens,
+            timing=self.timing,
+            block_size=self.block_size,
+            prefix_caching=self.prefix_caching,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            decode_step_s=self.decode_step_ms / 1000.0,
+            decode_s_per_seq=self.decode_ms_per_seq / 1000.0,
+            kv_transfer_s_per_1k_tokens=self.kv_transfer_ms_per_1k_tokens / 1000.0,
         )

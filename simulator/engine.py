@@ -2,17 +2,21 @@
 
 This is the only place that decides *when* things happen. The HTTP layer (`server.py`) asks the
 engine to admit a sequence and then awaits `next_token` once per generated token; it never
-sleeps on its own. A later KV-cache / prefix-caching / continuous-batching model replaces the
-internals of this module (``ttft_s``, ``itl_s``, admission) without touching the HTTP layer.
+sleeps on its own. Two engines implement that contract (`SimEngine`); `make_engine` picks one
+from ``EngineConfig.timing``:
 
-The current model is deliberately simple:
+``fixed`` (`Engine`, this module; the default, cheap enough for the local stack and the router
+overhead benchmark):
 
 * at most ``max_num_seqs`` sequences run at once; later arrivals wait in FIFO order (this is
   what vLLM reports as ``num_requests_waiting``);
 * the first token arrives ``ttft`` after admission, every further token ``itl`` after the
   previous one, each optionally scaled by a seeded uniform jitter;
 * KV-cache usage is the number of tokens held by running sequences (prompt plus generated)
-  divided by ``kv_capacity_tokens``.
+  divided by ``kv_capacity_tokens``; there is no prefix cache.
+
+``model`` (`simulator.batching.BatchingEngine`): a paged KV cache with prefix caching and a
+continuous-batching step loop whose step times follow from the work in each step.
 """
 
 from __future__ import annotations
@@ -21,21 +25,110 @@ import asyncio
 import random
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+Timing = Literal["fixed", "model"]
 
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """Timing and capacity knobs of the simulated engine (times in seconds)."""
+    """Timing and capacity knobs of the simulated engine (times in seconds).
+
+    The ``model`` timing defaults describe roughly an 8B dense model (Llama-3-8B shape: 32
+    layers, 8 KV heads of 128 dims, bf16) on one H100 SXM under vLLM:
+
+    * prefill 12 000 tokens/s: a prompt token costs ~2 x 8e9 = 16 GFLOP; 12k tokens/s is ~20 % of
+      the H100's 989 dense bf16 TFLOPS, a conservative allowance for attention, chunking and
+      kernel overheads on long prompts (a 6000-token prompt takes 0.5 s to first token);
+    * decode step 8 ms + 0.08 ms per running sequence: every step streams the 16 GB of weights
+      (4.8 ms at 3.35 TB/s) plus launch, sampling and scheduling overhead (~125 tokens/s for a
+      lone stream), and each sequence adds its KV read, 128 KiB per context token, i.e. ~256 MiB
+      or ~0.08 ms for a ~2k-token context; 256 sequences then take ~28 ms a step (~9k tokens/s);
+    * ``max_num_batched_tokens`` 8192: vLLM's OpenAI-server default on >= 70 GB GPUs such as
+      the H100; ``max_num_seqs`` 256: vLLM's long-standing default;
+    * KV transfer 3 ms per 1k tokens: 1k tokens of KV are 128 MiB, ~2.7 ms over one 400 Gb/s NIC;
+    * ``kv_capacity_tokens`` 65 536: deliberately ~1/7 of what that H100 holds (~450k tokens
+      after weights and activations at 0.9 memory utilisation). Routing quality shows once the
+      shared prefixes need more KV than one pod holds; at this size a shared-prefix benchmark
+      that overflows one pod (e.g. 24 groups x 6000-token prefixes = 144k tokens) but fits in
+      four stays small enough to run in seconds per arm on two CPU cores, where an H100-sized
+      cache would need > 450k distinct prefix tokens per pod, minutes of simulated prefill per
+      arm and millions of tokens to tokenize. Use ``--kv-capacity-tokens 450000`` for H100 scale.
+    """
 
     ttft_s: float = 0.020
     itl_s: float = 0.005
     jitter: float = 0.0
-    """Each delay is multiplied by a uniform factor in [1 - jitter, 1 + jitter] (floored at 0)."""
+    """Each delay (fixed) or step time (model) is multiplied by a uniform factor in [1 - jitter, 1 + jitter]."""
     seed: int | None = 0
     max_num_seqs: int = 256
     kv_capacity_tokens: int = 65536
+    timing: Timing = "fixed"
+    """``fixed``: constant TTFT/ITL (`Engine`); ``model``: KV cache + continuous batching (`BatchingEngine`)."""
+    block_size: int = 16
+    prefix_caching: bool = True
+    max_num_batched_tokens: int = 8192
+    """Token budget of one step (prefill chunk + decodes); 0 = unlimited, i.e. no chunked prefill."""
+    prefill_tokens_per_s: float = 12000.0
+    decode_step_s: float = 0.008
+    decode_s_per_seq: float = 0.00008
+    kv_transfer_s_per_1k_tokens: float = 0.003
+
+
+class SimEngine(Protocol):
+    """What the HTTP layer and the metrics need from an engine (`Engine` or `BatchingEngine`)."""
+
+    config: EngineConfig
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    @property
+    def kv_usage(self) -> float: ...
+
+    def running_by_model(self) -> dict[str, int]: ...
+
+    def waiting_by_model(self) -> dict[str, int]: ...
+
+    def prefix_cache_by_model(self) -> dict[str, tuple[int, int]]:
+        """(prompt tokens queried, prompt tokens hit) per model since the last reset."""
+        ...
+
+    def admission_error(self, seq: Sequence) -> str | None:
+        """Why ``seq`` can never be served (too long for the KV cache), or None."""
+        ...
+
+    def admit(self, seq: Sequence) -> AbstractAsyncContextManager[Sequence]: ...
+
+    async def next_token(self, seq: Sequence) -> None: ...
+
+    def reset(self) -> None:
+        """Flush the prefix cache and zero the counters (running sequences are not touched)."""
+        ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """Engine state for ``GET /sim/stats``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop background work (the scheduler task)."""
+        ...
+
+
+def make_engine(config: EngineConfig) -> SimEngine:
+    """The engine that ``config.timing`` selects."""
+    if config.timing == "model":
+        from simulator.batching import BatchingEngine
+
+        return BatchingEngine(config)
+    if config.timing == "fixed":
+        return Engine(config)
+    raise ValueError(f"unknown timing mode {config.timing!r}")
 
 
 class Sequence:
@@ -61,7 +154,7 @@ class Sequence:
         self.generated = 0
         """Tokens generated so far per choice."""
         self.cached_tokens = 0
-        """Prompt tokens served from a prefix cache; always 0 until a cache model exists."""
+        """Prompt tokens served from the prefix cache (block-aligned); always 0 in fixed timing."""
         self._next_token_at = 0.0
 
     @property
@@ -93,6 +186,7 @@ class Engine:
         self._running: set[Sequence] = set()
         self._waiting: deque[tuple[Sequence, asyncio.Future[None]]] = deque()
         self._running_tokens = 0
+        self._queried: dict[str, int] = {}
 
     # ----------------------------------------------------------------- state seen by /metrics
 
@@ -124,6 +218,25 @@ class Engine:
         for seq, _ in self._waiting:
             counts[seq.model] = counts.get(seq.model, 0) + 1
         return counts
+
+    def prefix_cache_by_model(self) -> dict[str, tuple[int, int]]:
+        """(prompt tokens queried, 0) per model: fixed timing has no prefix cache, so nothing hits."""
+        return {model: (queried, 0) for model, queried in self._queried.items()}
+
+    def admission_error(self, seq: Sequence) -> str | None:
+        """Fixed timing serves any size."""
+        return None
+
+    def reset(self) -> None:
+        """Zero the counters (there is no cache to flush)."""
+        self._queried.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Engine state for ``GET /sim/stats``."""
+        return {"timing": "fixed", "running": self.num_running, "waiting": self.num_waiting, "kv_usage": self.kv_usage}
+
+    async def aclose(self) -> None:
+        """Nothing runs in the background."""
 
     # ----------------------------------------------------------------- timing model
 
@@ -180,6 +293,7 @@ class Engine:
     def _start(self, seq: Sequence) -> None:
         self._running.add(seq)
         self._running_tokens += seq.kv_tokens
+        self._queried[seq.model] = self._queried.get(seq.model, 0) + seq.prompt_tokens
 
     def _finish(self, seq: Sequence) -> None:
         if seq in self._running:

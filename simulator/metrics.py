@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from simulator.engine import Engine
+from simulator.engine import SimEngine
 
 # vLLM serves the 0.0.4 text format; routers' parsers expect it.
 CONTENT_TYPE: str = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
@@ -41,7 +41,7 @@ class ModelCounters:
 class SimMetrics:
     """The metrics of one simulated pod, rendered in Prometheus text format."""
 
-    def __init__(self, engine: Engine, models: Iterable[str]) -> None:
+    def __init__(self, engine: SimEngine, models: Iterable[str]) -> None:
         self.models = tuple(models)
         self.counters = {m: ModelCounters() for m in self.models}
         self.registry = CollectorRegistry(auto_describe=False)
@@ -59,6 +59,12 @@ class SimMetrics:
         """Record one time-to-first-token sample (arrival to first token, queueing included)."""
         self._ttft_by_model[model].observe(seconds)
 
+    def reset(self) -> None:
+        """Zero every counter and the TTFT histogram (``POST /sim/reset``)."""
+        self.counters = {m: ModelCounters() for m in self.models}
+        self._ttft.clear()
+        self._ttft_by_model = {m: self._ttft.labels(model_name=m) for m in self.models}
+
     def render(self) -> bytes:
         """The exposition text of every metric."""
         return exposition.generate_latest(self.registry)
@@ -67,7 +73,7 @@ class SimMetrics:
 class _StateCollector(Collector):
     """Turns engine state and counters into metric families at scrape time."""
 
-    def __init__(self, engine: Engine, metrics: SimMetrics) -> None:
+    def __init__(self, engine: SimEngine, metrics: SimMetrics) -> None:
         self._engine = engine
         self._metrics = metrics
 
@@ -119,3 +125,18 @@ class _StateCollector(Collector):
         yield prompt
         yield generation
         yield success
+
+        # vLLM >= 0.7 names; queries and hits count prompt tokens, so hits / queries is the hit rate.
+        by_model = engine.prefix_cache_by_model()
+        queries = CounterMetricFamily(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", labels=labels
+        )
+        hits = CounterMetricFamily(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels=labels
+        )
+        for m in models:
+            queried, hit = by_model.get(m, (0, 0))
+            queries.add_metric([m], queried)
+            hits.add_metric([m], hit)
+        yield queries
+        yield hits

@@ -160,15 +160,20 @@ def _completion_prompt_tokens(prompt: Any) -> list[int]:
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return [estimate_tokens(len(p.encode())) for p in prompt]
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if all(_is_token_id(t) for t in prompt):
             return [len(prompt)]  # one prompt given as token ids
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):
             return [len(p) for p in prompt]  # a batch of token-id prompts
     raise RequestError(
         400,
         "'prompt' must be a string, an array of strings, or (arrays of) token ids",
         param="prompt",
     )
+
+
+def _is_token_id(value: Any) -> bool:
+    # bool is an int subclass; ids beyond 32 bits exist in no vocabulary (and block hashing packs uint32).
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
 
 
 def generated_text(num_tokens: int) -> str:

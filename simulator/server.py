@@ -1,8 +1,9 @@
 """HTTP layer of the simulated model pod: an OpenAI/vLLM-compatible aiohttp application.
 
-Timing and admission live in `simulator.engine`, wire formats in `simulator.openai_format`,
-metrics in `simulator.metrics`; this module wires them to routes, fault injection and the
-test-facing ``/sim/*`` endpoints.
+Timing and admission live in `simulator.engine` (fixed timing) and `simulator.batching` (model
+timing: KV cache and continuous batching), prompt tokenization in `simulator.tokenizer`, wire
+formats in `simulator.openai_format`, metrics in `simulator.metrics`; this module wires them to
+routes, fault injection and the test-facing ``/sim/*`` endpoints.
 
 Programmatic use (tests, local stack)::
 
@@ -18,15 +19,17 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
+from simulator.batching import KVSequence
 from simulator.config import SimConfig
-from simulator.engine import Engine, Sequence
+from simulator.engine import Sequence, SimEngine, make_engine
 from simulator.metrics import CONTENT_TYPE, SimMetrics
 from simulator.openai_format import (
     SSE_DONE,
@@ -37,6 +40,7 @@ from simulator.openai_format import (
     parse_request,
     usage,
 )
+from simulator.tokenizer import block_hashes, render_prompt, tokenize
 
 __all__ = ["POD_HEADER", "Faults", "SimConfig", "SimServer", "SimStats", "start_sim"]
 
@@ -91,7 +95,7 @@ class SimServer:
             raise ValueError("SimConfig.models must name at least one model")
         self.config = config
         self.models = tuple(dict.fromkeys(config.models))
-        self.engine = Engine(config.engine_config())
+        self.engine: SimEngine = make_engine(config.engine_config())
         self.metrics = SimMetrics(self.engine, self.models)
         self.faults = Faults(fail_every=config.fail_every, stall=config.stall, unhealthy=config.unhealthy)
         self.stats = SimStats()
@@ -111,6 +115,8 @@ class SimServer:
         )
         self._id_base = uuid.uuid4().hex[:24]
         self._request_counter = 0
+        self._answers = 0
+        """Completion responses sent over the pod's life (``die_after`` ignores resets)."""
         self._runner: web.AppRunner | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._die_task: asyncio.Task[None] | None = None
@@ -125,6 +131,9 @@ class SimServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Bind and start serving; ``port=0`` picks a free port (read it back from ``.port``)."""
+        if self.config.timing == "model":
+            # Load the vocabulary now (cl100k: ~0.7 s) rather than inside the first request's TTFT.
+            await asyncio.get_running_loop().run_in_executor(None, tokenize, "", self.config.tokenizer)
         app = self._build_app()
         # handler_cancellation: a client that hangs up cancels its handler, so a stalled or
         # streaming request does not keep counting as in flight.
@@ -160,6 +169,7 @@ class SimServer:
         while self.stats.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.01)
         await runner.cleanup()
+        await self.engine.aclose()
 
     async def __aenter__(self) -> SimServer:
         return self
@@ -198,6 +208,7 @@ class SimServer:
         app.router.add_get("/sim/stats", self._get_stats)
         app.router.add_get("/sim/faults", self._get_faults)
         app.router.add_post("/sim/faults", self._set_faults)
+        app.router.add_post("/sim/reset", self._reset)
         return app
 
     async def _stamp_pod(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -215,16 +226,28 @@ class SimServer:
     async def _get_stats(self, request: web.Request) -> web.Response:
         body = asdict(self.stats)
         body.update(
-            pod=self.pod_name,
-            models=list(self.models),
-            engine={
-                "running": self.engine.num_running,
-                "waiting": self.engine.num_waiting,
-                "kv_usage": self.engine.kv_usage,
-            },
-            faults=asdict(self.faults),
+            pod=self.pod_name, models=list(self.models), engine=self.engine.snapshot(), faults=asdict(self.faults)
         )
         return web.Response(body=orjson.dumps(body), headers=_JSON_HEADERS)
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return await self._get_stats(request)
+
+    def reset(self) -> None:
+        """Start cold without a restart: flush the prefix cache, zero the metrics and ``/sim/stats`` counters.
+
+        Requests in flight carry on (their blocks are no longer findable by later requests), and
+        the fault switches and the ``die_after`` count are kept. Prometheus sees the counters
+        drop to zero as it would see a pod restart.
+        """
+        self.engine.reset()
+        self.metrics.reset()
+        # In place: handlers in flight hold a reference to this object.
+        stats = self.stats
+        fresh = SimStats(in_flight=stats.in_flight, max_in_flight=stats.in_flight)
+        for f in fields(SimStats):
+            setattr(stats, f.name, getattr(fresh, f.name))
 
     async def _get_faults(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(asdict(self.faults)), headers=_JSON_HEADERS)
@@ -291,7 +314,7 @@ class SimServer:
             }
             arrival = asyncio.get_running_loop().time()
             try:
-                creq, model = self._parse(kind, await request.read())
+                creq, model, body = self._parse(kind, await request.read())
             except RequestError as err:
                 return await self._answer(request, _error_response(err))
 
@@ -308,7 +331,11 @@ class SimServer:
 
             output_tokens = self._output_tokens(creq)
             finish_reason = "length" if output_tokens == creq.max_tokens else "stop"
-            seq = Sequence(model, creq.prompt_tokens, output_tokens, creq.num_choices)
+            seq = self._sequence(kind, body, creq, model, output_tokens)
+            too_long = self.engine.admission_error(seq)
+            if too_long is not None:
+                err = RequestError(400, too_long, param="max_tokens", code="context_length_exceeded")
+                return await self._answer(request, _error_response(err))
             prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
             # vLLM derives its response id from X-Request-Id when the client sends one.
             request_id = prefix + (request.headers.get("x-request-id") or self._next_request_id())
@@ -328,7 +355,7 @@ class SimServer:
         self._request_counter += 1
         return f"{self._id_base}{self._request_counter:08x}"
 
-    def _parse(self, kind: Kind, raw: bytes) -> tuple[CompletionRequest, str]:
+    def _parse(self, kind: Kind, raw: bytes) -> tuple[CompletionRequest, str, dict[str, Any]]:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -338,7 +365,16 @@ class SimServer:
         model = creq.model or self.models[0]
         if model not in self.models:
             raise RequestError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-        return creq, model
+        return creq, model, body
+
+    def _sequence(
+        self, kind: Kind, body: dict[str, Any], creq: CompletionRequest, model: str, output_tokens: int
+    ) -> Sequence:
+        """The engine's view of a request; under model timing, with the prompt's block hashes."""
+        if self.config.timing != "model":
+            return Sequence(model, creq.prompt_tokens, output_tokens, creq.num_choices)
+        ids = _prompt_ids(kind, body, self.config.tokenizer)
+        return KVSequence(model, len(ids), block_hashes(ids, self.config.block_size), output_tokens, creq.num_choices)
 
     def _output_tokens(self, creq: CompletionRequest) -> int:
         if creq.max_tokens is None:
@@ -366,7 +402,7 @@ class SimServer:
                 await self._generate(seq, arrival)
         self._finished(seq, finish_reason)
         completion_tokens = seq.generated * seq.num_choices
-        body = writer.body(seq.generated, finish_reason, usage(seq.prompt_tokens, completion_tokens))
+        body = writer.body(seq.generated, finish_reason, usage(seq.prompt_tokens, completion_tokens, seq.cached_tokens))
         return await self._answer(request, web.Response(body=body, headers=_JSON_HEADERS))
 
     async def _stream(
@@ -396,7 +432,9 @@ class SimServer:
         for c in choices:
             await sink.send(chunks.final_chunk(c, finish_reason))
         if creq.include_usage:
-            await sink.send(chunks.usage_chunk(usage(seq.prompt_tokens, seq.generated * seq.num_choices)))
+            await sink.send(
+                chunks.usage_chunk(usage(seq.prompt_tokens, seq.generated * seq.num_choices, seq.cached_tokens))
+            )
         await sink.send(SSE_DONE)
         await response.write_eof()
         self._count_answer()
@@ -411,8 +449,9 @@ class SimServer:
 
     def _count_answer(self) -> None:
         self.stats.completions_answered += 1
+        self._answers += 1
         die_after = self.config.die_after
-        if die_after and self.stats.completions_answered >= die_after and self._die_task is None:
+        if die_after and self._answers >= die_after and self._die_task is None:
             # A separate task: stopping the server from inside a handler would wait on itself.
             self._die_task = asyncio.get_running_loop().create_task(self._die())
 
@@ -445,6 +484,17 @@ class _ChunkSink:
         transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk)
         if transport.get_write_buffer_size() > self._HIGH_WATER:
             await self._writer.drain()
+
+
+def _prompt_ids(kind: Kind, body: dict[str, Any], tokenizer: str) -> list[int]:
+    """Token ids of a validated request's prompt: given ids as they are, text tokenized."""
+    if kind == "completion":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
+            if isinstance(prompt[0], list):  # a batch of token-id prompts, one sequence here
+                return [t for p in prompt for t in p]
+            return list(prompt)
+    return tokenize(render_prompt(kind, body), tokenizer)
 
 
 def _error_response(err: RequestError) -> web.Response:
