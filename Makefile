@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 ## run: Envoy on 127.0.0.1:8888 + the router + three simulated pods of demo-model (Ctrl-C stops all)
 run: $(STAMP)
-	$(VENV)/bin/extproc-router up
+	$(VENV)/bin/extproc-router up $(UP_ARGS)
 
 ## test: unit, integration (real Envoy, real Redis) and end-to-end tests
 test: $(STAMP) redis-bin

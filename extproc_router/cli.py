@@ -33,6 +33,13 @@ CURL_LINES = """\
 """
 
 
+PD_CURL = """\
+  # prefill/decode disaggregation: the router sends the prefill call, then routes to the decode pod
+  curl -s -i {url}/v1/chat/completions -H "routing-strategy: pd" -H "Content-Type: application/json" \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Explain quantum entanglement."}}]}}'
+"""
+
+
 def setup_logging(level: str) -> None:
     lvl = getattr(logging, level.upper(), logging.INFO)
     if sys.stderr.isatty():
@@ -97,7 +104,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     opts = StackOptions(listen_host=host or "127.0.0.1", listen_port=int(port), admin_port=args.admin_port,
                         grpc_port=args.grpc_port, http_port=args.http_port, pods=args.pods,
                         first_pod_port=args.first_pod_port, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms,
-                        run_dir=args.run_dir, values_file=args.values)
+                        run_dir=args.run_dir, values_file=args.values, pd=args.pd)
     if args.routing_algorithm:
         opts.router_env["ROUTING_ALGORITHM"] = args.routing_algorithm
     stack = LocalStack(opts)
@@ -119,6 +126,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"\nextproc-router is up: Envoy on {stack.url}, router metrics on {stack.router_http}/metrics, "
           f"Envoy admin on {stack.admin_url}\n", flush=True)
     print("Try:\n" + CURL_LINES.format(url=stack.url, model=opts.model, metrics=stack.router_http), flush=True)
+    if opts.pd:
+        print(PD_CURL.format(url=stack.url, model=opts.pd_model), flush=True)
     print("Ctrl-C stops everything.", flush=True)
     try:
         while not stopping:
@@ -185,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--values", "-f", metavar="FILE", help="values.yaml with the gateway.* Envoy knobs")
     p.add_argument("--routing-algorithm", metavar="NAME", help="the router's default strategy")
     p.add_argument("--run-dir", default=".run", help="where configs and logs go")
+    p.add_argument("--pd", action="store_true",
+                   help="also start a prefill and a decode pod of demo-pd-model (routing-strategy: pd)")
     p.set_defaults(func=cmd_up)
 
     from envoyconfig.cli import register as register_envoy_config

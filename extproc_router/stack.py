@@ -93,6 +93,8 @@ class StackOptions:
     health_interval: float = 1.0
     quiet: bool = False
     model_config: dict | None = field(default_factory=lambda: dict(DEMO_PROFILES))
+    pd: bool = False  # add a prefill and a decode pod of demo-pd-model
+    pd_model: str = "demo-pd-model"
     file_extra: dict = field(default_factory=dict)  # other top-level keys of the gateway file (users, auth)
 
     @classmethod
@@ -115,6 +117,12 @@ class LocalStack:
         for i in range(opts.pods):
             port = opts.first_pod_port + i if opts.first_pod_port else free_port()
             self.pods.append(PodSpec(name=f"{opts.model}-{i}", model=opts.model, port=port))
+        if opts.pd:
+            for j, role in enumerate(("prefill", "decode")):
+                port = opts.first_pod_port + opts.pods + j if opts.first_pod_port else free_port()
+                self.pods.append(PodSpec(name=f"{opts.pd_model}-{role}-0", model=opts.pd_model, port=port,
+                                         extra_args=["--role", role],
+                                         labels={"role-name": role, "roleset-name": "roleset-0"}))
         self.pod_file = self.run_dir / "gateway.yaml"
         self.envoy_file = self.run_dir / "envoy.yaml"
 
