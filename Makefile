@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench clean redis-bin deploy-configs
+.PHONY: run test lint bench bench-quality clean redis-bin deploy-configs deploy-configs
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(STAMP)
 ## bench: router overhead benchmark (prints figures, writes bench/results/overhead.json)
 bench: $(STAMP)
 	$(PY) bench/overhead.py
+
+## bench-quality: routing quality on 4 model-timed simulated pods, ours vs sglang-router / vllm-router (~2 min)
+bench-quality: $(STAMP)
+	$(PY) bench/quality.py --workload both
 
 clean:
 	rm -rf $(VENV) .run bench/results .pytest_cache

@@ -199,10 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
 
     from envoyconfig.cli import register as register_envoy_config
+    from loadtest.cli import register as register_loadtest
     from simulator.cli import register as register_sim
     register_sim(sub)
     register_envoy_config(sub)
-    from loadtest.cli import register as register_loadtest; register_loadtest(sub)  # noqa: E702, I001
+    register_loadtest(sub)
     return parser
 
 
