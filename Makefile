@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench bench-quality clean redis-bin deploy-configs deploy-configs
+.PHONY: run test lint bench bench-quality clean redis-bin deploy-configs
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
