@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from extproc_router.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from loadtest.workloads import WORKLOADS, WorkloadSpec
 
 if TYPE_CHECKING:  # the runner pulls in aiohttp; `extproc-router --help` should not pay for it
@@ -82,28 +83,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wl = parser.add_argument_group("workload")
     wl.add_argument("--workload", choices=WORKLOADS, default="shared-prefix")
     wl.add_argument("--seed", type=int, default=0, help="same seed, same requests (and Poisson schedule)")
-    wl.add_argument("--groups", type=_positive_int, default=30, help="shared-prefix: prompt groups")
-    wl.add_argument("--prompts-per-group", type=_positive_int, default=5, help="shared-prefix: questions per group")
-    wl.add_argument("--prefix-tokens", type=_non_negative_int, default=1500,
+    wl.add_argument("--groups", type=positive_int, default=30, help="shared-prefix: prompt groups")
+    wl.add_argument("--prompts-per-group", type=positive_int, default=5, help="shared-prefix: questions per group")
+    wl.add_argument("--prefix-tokens", type=non_negative_int, default=1500,
                     help="shared prefix / system prompt length (random: part of the prompt length)")
-    wl.add_argument("--question-tokens", type=_positive_int, default=300, help="question length per request/turn")
-    wl.add_argument("--output-tokens", type=_positive_int, default=100, help="max_tokens of every request")
-    wl.add_argument("--users", type=_positive_int, default=10, help="multi-turn: conversations")
-    wl.add_argument("--rounds", type=_positive_int, default=5, help="multi-turn: turns per conversation")
+    wl.add_argument("--question-tokens", type=positive_int, default=300, help="question length per request/turn")
+    wl.add_argument("--output-tokens", type=positive_int, default=100, help="max_tokens of every request")
+    wl.add_argument("--users", type=positive_int, default=10, help="multi-turn: conversations")
+    wl.add_argument("--rounds", type=positive_int, default=5, help="multi-turn: turns per conversation")
 
     load = parser.add_argument_group("arrival and bounds")
     mode = load.add_mutually_exclusive_group()
-    mode.add_argument("--rate", type=_positive_float, metavar="RPS", help="open loop: Poisson arrivals per second")
-    mode.add_argument("--concurrency", type=_positive_int, default=8,
+    mode.add_argument("--rate", type=positive_float, metavar="RPS", help="open loop: Poisson arrivals per second")
+    mode.add_argument("--concurrency", type=positive_int, default=8,
                       help="closed loop: requests in flight (used unless --rate is given)")
-    load.add_argument("--requests", type=_positive_int, metavar="N",
+    load.add_argument("--requests", type=positive_int, metavar="N",
                       help="requests per arm (default: the workload's size: groups x prompts, users x rounds, "
                            "random 100); shared-prefix repeats reshuffled passes beyond its size")
-    load.add_argument("--duration", type=_positive_float, default=600.0, metavar="S",
+    load.add_argument("--duration", type=positive_float, default=600.0, metavar="S",
                       help="stop sending after this many seconds per arm")
-    load.add_argument("--grace", type=_non_negative_float, default=60.0, metavar="S",
+    load.add_argument("--grace", type=non_negative_float, default=60.0, metavar="S",
                       help="time requests still in flight at --duration get before they are cancelled")
-    load.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
+    load.add_argument("--timeout", type=positive_float, default=300.0, metavar="S",
                       help="longest wait for the next bytes of a response")
 
     arms = parser.add_argument_group("arms")
@@ -115,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arms.add_argument("--no-preflight", action="store_true", help="skip the one-request check before each arm")
 
     oracle = parser.add_argument_group("hit rate")
-    oracle.add_argument("--block-size", type=_positive_int, default=16, help="KV block size of the pods, in tokens")
+    oracle.add_argument("--block-size", type=positive_int, default=16, help="KV block size of the pods, in tokens")
     oracle.add_argument("--tokenizer", default="cl100k", help="tokenizer kind of simulator.tokenizer")
 
     out = parser.add_argument_group("output")
@@ -239,29 +240,5 @@ async def _run_arms_and_report(args: argparse.Namespace, settings: RunSettings, 
     return 0 if any(a["summary"]["ok"] for a in report["arms"]) else 1
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0.0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value

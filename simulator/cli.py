@@ -10,6 +10,7 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
+from extproc_router.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from simulator.config import SimConfig
 
 log = logging.getLogger("simulator")
@@ -64,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every simulator option to ``parser``."""
     net = parser.add_argument_group("serving")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    net.add_argument("--port", type=_non_negative_int, default=8000, help="port to listen on (0: any free port)")
+    net.add_argument("--port", type=non_negative_int, default=8000, help="port to listen on (0: any free port)")
     net.add_argument(
         "--model",
         action="append",
@@ -75,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--pod-name", help="name sent in the x-sim-pod header (default: <hostname>-<port>)")
     net.add_argument(
         "--shutdown-grace-s",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=5.0,
         help="on SIGINT/SIGTERM, seconds in-flight requests get to finish",
     )
@@ -88,36 +89,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="fixed",
         help="fixed: constant --ttft-ms/--itl-ms; model: KV cache + continuous batching (options below)",
     )
-    timing.add_argument("--ttft-ms", type=_non_negative_float, default=20.0, help="time to first token (fixed)")
-    timing.add_argument("--itl-ms", type=_non_negative_float, default=5.0, help="time between later tokens (fixed)")
+    timing.add_argument("--ttft-ms", type=non_negative_float, default=20.0, help="time to first token (fixed)")
+    timing.add_argument("--itl-ms", type=non_negative_float, default=5.0, help="time between later tokens (fixed)")
     timing.add_argument(
         "--output-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=16,
         help="completion length when the request sets no max_tokens",
     )
     timing.add_argument(
         "--max-output-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         help="completion length cap: with max_tokens, min(max_tokens, this) tokens are produced",
     )
     timing.add_argument(
         "--latency-jitter",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.0,
         help="scale each delay (fixed) or step time (model) by a random factor in [1-J, 1+J]",
     )
     timing.add_argument("--seed", type=int, default=0, help="seed of the jitter random generator")
     timing.add_argument(
         "--max-num-seqs",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         help="sequences generating at once; later requests wait (vllm:num_requests_waiting)",
     )
     timing.add_argument(
         "--kv-capacity-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=65536,
         help="KV-cache size in tokens. model: the prefix cache's capacity, also the longest prompt + output "
         "accepted (an H100 holds ~450k tokens of an 8B model; the default is smaller so that benchmarks "
@@ -132,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cl100k: exact OpenAI cl100k ids (usage.prompt_tokens as OpenAI counts); bytes: one token per "
         "UTF-8 byte, cheaper",
     )
-    model.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV-cache block")
+    model.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block")
     model.add_argument(
         "--no-prefix-caching",
         dest="prefix_caching",
@@ -141,32 +142,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--max-num-batched-tokens",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=8192,
         help="tokens one step may compute (decodes + prefill chunks); longer prompts are prefilled in chunks "
         "over several steps; 0: unlimited, no chunked prefill (8192 is vLLM's OpenAI-server default on H100)",
     )
     model.add_argument(
         "--prefill-tokens-per-s",
-        type=_positive_float,
+        type=positive_float,
         default=12000.0,
         help="prefill speed for uncached prompt tokens (8B on H100: 16 GFLOP/token at ~20%% of 989 TFLOPS)",
     )
     model.add_argument(
         "--decode-step-ms",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=8.0,
         help="fixed cost of every step (8B on H100: 16 GB of weights read at 3.35 TB/s plus overheads)",
     )
     model.add_argument(
         "--decode-ms-per-seq",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.08,
         help="added step time per decoding sequence (its KV read: ~2k tokens x 128 KiB at 3.35 TB/s)",
     )
     model.add_argument(
         "--kv-transfer-ms-per-1k-tokens",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=3.0,
         help="time to receive 1k prompt tokens of KV computed by another pod (128 MiB over a 400 Gb/s NIC); "
         "for prefill/decode disaggregation",
@@ -175,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults = parser.add_argument_group("faults")
     faults.add_argument(
         "--fail-every",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="answer every Nth completion request with a 500 error (0: never)",
@@ -188,7 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     faults.add_argument(
         "--die-after",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help=f"exit with code {EXIT_DIED} after N completion responses (0: never)",
@@ -296,29 +297,5 @@ def _run_in_loop(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0.0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
