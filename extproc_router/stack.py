@@ -121,7 +121,7 @@ class LocalStack:
             for j, role in enumerate(("prefill", "decode")):
                 port = opts.first_pod_port + opts.pods + j if opts.first_pod_port else free_port()
                 self.pods.append(PodSpec(name=f"{opts.pd_model}-{role}-0", model=opts.pd_model, port=port,
-                                         extra_args=["--role", role],
+                                         extra_args=["--role", role, "--bootstrap-port", "0"],
                                          labels={"role-name": role, "roleset-name": "roleset-0"}))
         self.pod_file = self.run_dir / "gateway.yaml"
         self.envoy_file = self.run_dir / "envoy.yaml"

@@ -25,11 +25,16 @@ successor shorter), so event-loop lag does not accumulate; if the process cannot
 achieved step rate falls below the model's, which `BatchingEngine.snapshot` reports
 (``step_time_model_s`` vs ``step_time_wall_s``).
 
-Hooks for prefill/decode disaggregation (not wired to HTTP yet): a `KVSequence` with
-``kv_transferred=True`` arrives with its prompt's KV computed elsewhere; admission allocates its
-blocks, the transfer takes ``kv_transfer_s_per_1k_tokens`` (off the GPU's critical path, so it
-slows no step), then one step recomputes the last prompt token and samples the first output
-token. ``prefill_only=True`` ends a sequence after its first token, as a prefill pod does.
+Prefill/decode disaggregation (wired to HTTP by `simulator.disagg` and `simulator.server`): a
+`KVSequence` with ``kv_transferred=True`` arrives with its prompt's KV computed elsewhere;
+admission allocates its blocks (reusing local prefix hits), the transfer of the rest takes
+``kv_transfer_s_per_1k_tokens`` (off the GPU's critical path, so it slows no step), then one step
+recomputes the last prompt token and samples the first output token. ``prefill_only=True`` ends
+a sequence after its first token, as a prefill pod does; with ``hold_kv=True`` its blocks then
+stay pinned (a *hold*, like vLLM's delayed free for ``do_remote_decode`` requests) until the
+decode pod has fetched them (`BatchingEngine.release_hold`) or ``kv_hold_s`` has passed. Held
+blocks count as used, so a prefill pod whose decode pods never fetch fills up and queues, as a
+real one would.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import math
 import random
@@ -81,8 +87,8 @@ class KVSequence(Sequence):
         "_waiter",
         "block_hashes",
         "blocks",
+        "hold_kv",
         "kv_len",
-        "kv_transferred",
         "prefill_only",
         "produced",
         "state",
@@ -99,14 +105,23 @@ class KVSequence(Sequence):
         *,
         prefill_only: bool = False,
         kv_transferred: bool = False,
+        hold_kv: bool = False,
     ) -> None:
-        super().__init__(model, max(1, prompt_tokens), 1 if prefill_only else output_tokens, num_choices)
+        if hold_kv and not prefill_only:
+            raise ValueError("hold_kv is for prefill_only sequences")
+        super().__init__(
+            model,
+            max(1, prompt_tokens),
+            1 if prefill_only else output_tokens,
+            num_choices,
+            kv_transferred=kv_transferred,
+        )
         self.block_hashes = block_hashes
         """Chained hashes of the prompt's full blocks (`simulator.tokenizer.block_hashes`)."""
         self.prefill_only = prefill_only
         """Ends after the first token (a prefill pod's half of a disaggregated request)."""
-        self.kv_transferred = kv_transferred
-        """The prompt's KV is computed elsewhere and transferred in (a decode pod's half)."""
+        self.hold_kv = hold_kv
+        """On finishing, keep the prompt's blocks pinned for a decode pod (see `BatchingEngine.release_hold`)."""
         self.state = State.NEW
         self.produced = 0
         self.kv_len = 0
@@ -119,6 +134,20 @@ class KVSequence(Sequence):
         self._ready_at = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._counted = False
+
+
+class _Hold:
+    """A finished prefill's KV blocks, pinned until the decode pod fetched them or the hold expired."""
+
+    __slots__ = ("block_ids", "blocks", "model", "timer")
+
+    def __init__(self, blocks: list[int], block_ids: list[int], model: str, timer: asyncio.TimerHandle) -> None:
+        self.blocks = blocks
+        """Every block of the prompt (each holds one reference), the partial last one included."""
+        self.block_ids = block_ids
+        """The full blocks offered to the decode pod (vLLM's ``remote_block_ids``)."""
+        self.model = model
+        self.timer = timer
 
 
 class _Batch:
@@ -162,6 +191,12 @@ class BatchingEngine:
         self._task: asyncio.Task[None] | None = None
         self._queried: dict[str, int] = {}
         self._hit: dict[str, int] = {}
+        self._holds: dict[int, _Hold] = {}
+        """Held KV by hold id, oldest first."""
+        self._holds_by_blocks: dict[tuple[int, ...], list[int]] = {}
+        """Hold ids by offered block ids: how a vLLM-style release (block ids only) finds its hold."""
+        self._hold_ids = itertools.count(1)
+        self._held_blocks = 0
         self._zero_counters()
 
     def _zero_counters(self) -> None:
@@ -173,6 +208,10 @@ class BatchingEngine:
         """Sum of the modelled step durations."""
         self.step_time_wall_s = 0.0
         """Wall time those steps took; above the model's when the process cannot keep up."""
+        self.holds_released = 0
+        """Holds ended by `release_hold` (the decode pod fetched the KV)."""
+        self.holds_expired = 0
+        """Holds ended by ``kv_hold_s`` running out (nobody fetched the KV)."""
 
     # ----------------------------------------------------------------- state seen by /metrics
 
@@ -221,6 +260,16 @@ class BatchingEngine:
             "steps": self.steps,
             "step_time_model_s": self.step_time_model_s,
             "step_time_wall_s": self.step_time_wall_s,
+            **self.hold_stats(),
+        }
+
+    def hold_stats(self) -> dict[str, int]:
+        """``holds``, ``held_blocks`` (gauges), ``holds_released``, ``holds_expired`` (counters)."""
+        return {
+            "holds": len(self._holds),
+            "held_blocks": self._held_blocks,
+            "holds_released": self.holds_released,
+            "holds_expired": self.holds_expired,
         }
 
     # ----------------------------------------------------------------- HTTP-facing API
@@ -277,15 +326,42 @@ class BatchingEngine:
                 seq._waiter = None
         seq.generated += 1
 
+    def release_hold(self, hold_id: int) -> str | None:
+        """Unpin a prefill's held KV blocks because the decode pod fetched them.
+
+        Returns the hold's model, or None when there is no such hold (released or expired before).
+        """
+        hold = self._drop_hold(hold_id)
+        if hold is None:
+            return None
+        self.holds_released += 1
+        return hold.model
+
+    def hold_for_blocks(self, block_ids: list[int]) -> int | None:
+        """The oldest hold offering exactly ``block_ids``, or None.
+
+        Two holds can offer the same blocks (two prefills of one prompt share its cached blocks);
+        they are interchangeable, each holding one reference per block.
+        """
+        ids = self._holds_by_blocks.get(tuple(block_ids))
+        return ids[0] if ids else None
+
     def reset(self) -> None:
-        """Flush the prefix cache and zero the counters; admitted sequences keep running."""
+        """Flush the prefix cache, drop the KV holds and zero the counters; admitted sequences keep running.
+
+        A decode pod's later release of a dropped hold is simply not found.
+        """
+        for hold_id in list(self._holds):
+            self._drop_hold(hold_id)
         self.cache.reset()
         for seq in self._running:
             seq._registered = len(seq.block_hashes)  # nothing computed before the reset gets cached
         self._zero_counters()
 
     async def aclose(self) -> None:
-        """Stop the scheduler task."""
+        """Stop the scheduler task and the hold timers."""
+        for hold in self._holds.values():
+            hold.timer.cancel()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -442,14 +518,17 @@ class BatchingEngine:
         seq.blocks = hits + cache.allocate(new_blocks)
         seq._registered = len(hits)
         seq.kv_len = hit_tokens
-        if not seq._counted:  # a preempted sequence's re-admission is not a new query
+        first = not seq._counted  # a preempted sequence's re-admission is not a new query
+        if first:
             seq._counted = True
             self._count_query(seq, hit_tokens)
         if transfer:
             # The last prompt token is recomputed locally once the rest has arrived.
             seq.kv_len = seq.target - 1
             remote_tokens = seq.kv_len - hit_tokens
-            seq._ready_at = now + remote_tokens / 1000.0 * self.config.kv_transfer_s_per_1k_tokens
+            if first:
+                seq.remote_tokens = remote_tokens
+            seq._ready_at = now + self.config.transfer_s(remote_tokens)
             seq.state = State.TRANSFERRING
             return 0
         seq.state = State.RUNNING
@@ -483,12 +562,52 @@ class BatchingEngine:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
             if seq.produced >= seq.output_tokens:
+                if seq.hold_kv:
+                    self._hold(seq)
                 self._release(seq, State.FINISHED)
                 finished = True
         if finished:
             self._running = [seq for seq in self._running if seq.state is not State.FINISHED]
 
     # ----------------------------------------------------------------- leaving the engine
+
+    def _hold(self, seq: KVSequence) -> None:
+        """Keep a finished prefill's blocks pinned for the decode pod: they move from ``seq`` to a hold.
+
+        As vLLM's NIXL connector does, only full prompt blocks are offered, and a prompt shorter
+        than one block has nothing to transfer, so its blocks are freed at once.
+        """
+        full = min(seq.prompt_tokens // self.cache.block_size, len(seq.blocks))
+        seq.held_block_ids = seq.blocks[:full]
+        if not full or self.config.kv_hold_s <= 0:
+            return
+        hold_id = next(self._hold_ids)
+        timer = asyncio.get_running_loop().call_later(self.config.kv_hold_s, self._expire_hold, hold_id)
+        self._holds[hold_id] = _Hold(seq.blocks, seq.held_block_ids, seq.model, timer)
+        self._holds_by_blocks.setdefault(tuple(seq.held_block_ids), []).append(hold_id)
+        self._held_blocks += len(seq.blocks)
+        seq.hold_id = hold_id
+        seq.blocks = []  # the hold owns the references now; _release frees nothing
+
+    def _expire_hold(self, hold_id: int) -> None:
+        if self._drop_hold(hold_id) is not None:
+            self.holds_expired += 1
+
+    def _drop_hold(self, hold_id: int) -> _Hold | None:
+        hold = self._holds.pop(hold_id, None)
+        if hold is None:
+            return None
+        hold.timer.cancel()
+        key = tuple(hold.block_ids)
+        same = self._holds_by_blocks[key]
+        same.remove(hold_id)
+        if not same:
+            del self._holds_by_blocks[key]
+        self.cache.release(hold.blocks)
+        self._held_blocks -= len(hold.blocks)
+        # Freed blocks may let the queue head in; make sure an idle scheduler looks again.
+        self._wake.set()
+        return hold
 
     def _release(self, seq: KVSequence, state: State) -> None:
         """Free the sequence's blocks and mark it ``state`` (the caller unlinks it)."""

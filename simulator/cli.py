@@ -11,7 +11,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from extproc_router.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
-from simulator.config import SimConfig
+from simulator.config import DEFAULT_BOOTSTRAP_PORT, ROLES, SimConfig
 
 log = logging.getLogger("simulator")
 
@@ -37,6 +37,16 @@ pace: prefill costs uncached prompt tokens / --prefill-tokens-per-s, a decode st
 every sequence in it. usage.prompt_tokens_details.cached_tokens and vllm:prefix_cache_* report the
 cache hits. The model defaults approximate an 8B model on one H100 under vLLM, except the KV
 capacity, kept ~1/7 of an H100's (~450k tokens) so that benchmarks overflowing one pod stay small.
+
+Prefill/decode disaggregation (--role). A prefill pod given kv_transfer_params.do_remote_decode
+(vLLM style) runs the prefill only, pins the prompt's KV blocks for --kv-hold-seconds and answers
+with kv_transfer_params {do_remote_prefill, remote_engine_id, remote_block_ids, remote_host,
+remote_port, tp_size} for the decode pod. A decode pod given them skips the prefill (the KV arrives
+at --kv-transfer-ms-per-1k-tokens) and then tells the prefill pod (POST /sim/kv/release) to unpin.
+SGLang style: both pods get bootstrap_host/bootstrap_port/bootstrap_room; the prefill pod files
+its KV under the room, the decode pod waits for it (GET <bootstrap_host>:<bootstrap_port>
+/sim/kv/room/<room>, answered on the prefill pod's --bootstrap-port and on its HTTP port) for at
+most --bootstrap-timeout-s, then 503. Without transfer fields any role serves a request whole.
 """
 
 
@@ -173,6 +183,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "for prefill/decode disaggregation",
     )
 
+    pd = parser.add_argument_group("prefill/decode disaggregation")
+    pd.add_argument(
+        "--role",
+        choices=ROLES,
+        default="combined",
+        help="combined: ignore transfer fields; prefill: run prefill-only requests and hold their KV for the "
+        "decode pod; decode: take KV from a prefill pod instead of computing it",
+    )
+    pd.add_argument(
+        "--kv-hold-seconds",
+        type=non_negative_float,
+        default=30.0,
+        help="how long a prefill pod pins a finished prefill's KV blocks unless the decode pod releases them "
+        "sooner (model timing; 0: not at all)",
+    )
+    pd.add_argument(
+        "--bootstrap-port",
+        type=non_negative_int,
+        default=None,
+        help=f"port of the SGLang bootstrap listener answering room lookups (default: {DEFAULT_BOOTSTRAP_PORT} "
+        "with --role prefill, otherwise none; 0: none; the HTTP port answers them as well)",
+    )
+    pd.add_argument(
+        "--bootstrap-timeout-s",
+        type=non_negative_float,
+        default=10.0,
+        help="how long an SGLang-style decode request waits for its prefill's bootstrap room before a 503",
+    )
+
     faults = parser.add_argument_group("faults")
     faults.add_argument(
         "--fail-every",
@@ -202,6 +241,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     models: list[str] = []
     for value in args.model or ["sim-model"]:
         models.extend(name.strip() for name in value.split(",") if name.strip())
+    bootstrap_port = args.bootstrap_port
+    if bootstrap_port is None:
+        bootstrap_port = DEFAULT_BOOTSTRAP_PORT if args.role == "prefill" else 0
     return SimConfig(
         models=list(dict.fromkeys(models)),
         pod_name=args.pod_name,
@@ -222,6 +264,10 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         decode_step_ms=args.decode_step_ms,
         decode_ms_per_seq=args.decode_ms_per_seq,
         kv_transfer_ms_per_1k_tokens=args.kv_transfer_ms_per_1k_tokens,
+        role=args.role,
+        kv_hold_seconds=args.kv_hold_seconds,
+        bootstrap_port=bootstrap_port or None,  # SimConfig: None is "no listener", 0 "any free port"
+        bootstrap_timeout_s=args.bootstrap_timeout_s,
         fail_every=args.fail_every,
         stall=args.stall,
         die_after=args.die_after,
@@ -259,7 +305,14 @@ async def _serve(config: SimConfig, host: str, port: int, grace_s: float) -> int
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", host, port, exc)
         return 1
-    log.info("sim pod=%s listening on %s models=%s", server.pod_name, server.url, ",".join(server.models))
+    log.info(
+        "sim pod=%s listening on %s models=%s role=%s%s",
+        server.pod_name,
+        server.url,
+        ",".join(server.models),
+        config.role,
+        f" bootstrap_port={server.bootstrap_port}" if server.bootstrap_port is not None else "",
+    )
 
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -295,7 +348,3 @@ def _run_in_loop(coro: Coroutine[Any, Any, int]) -> int:
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(coro)
-
-
-
-

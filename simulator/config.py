@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from simulator.engine import EngineConfig, Timing
+
+Role = Literal["combined", "prefill", "decode"]
+"""A pod's part in prefill/decode disaggregation (`simulator.disagg`)."""
+
+ROLES: tuple[Role, ...] = ("combined", "prefill", "decode")
+
+DEFAULT_BOOTSTRAP_PORT = 8998
+"""SGLang's default ``--disaggregation-bootstrap-port`` (and AIBrix's ``sglang-bootstrap-port``)."""
 
 
 @dataclass
@@ -35,6 +44,17 @@ class SimConfig:
     decode_step_ms: float = 8.0
     decode_ms_per_seq: float = 0.08
     kv_transfer_ms_per_1k_tokens: float = 3.0
+    role: Role = "combined"
+    """``combined``: serves whole requests and ignores transfer fields (vLLM without a KV connector);
+    ``prefill``: runs prefill-only requests and holds their KV; ``decode``: takes transferred KV."""
+    kv_hold_seconds: float = 30.0
+    """How long a prefill pod pins a finished prefill's KV blocks for the decode pod (0: not at all)."""
+    bootstrap_port: int | None = None
+    """Second listener answering SGLang bootstrap-room lookups (the HTTP port answers them too).
+    None: none; 0: any free port (read back ``SimServer.bootstrap_port``). The CLI maps its
+    ``--bootstrap-port 0`` to None and defaults to 8998 for a prefill pod."""
+    bootstrap_timeout_s: float = 10.0
+    """How long an SGLang-style decode request waits for its prefill's room before answering 503."""
     fail_every: int = 0
     """Every Nth valid completion request answers 500 (0 = never)."""
     stall: bool = False
@@ -61,4 +81,5 @@ class SimConfig:
             decode_step_s=self.decode_step_ms / 1000.0,
             decode_s_per_seq=self.decode_ms_per_seq / 1000.0,
             kv_transfer_s_per_1k_tokens=self.kv_transfer_ms_per_1k_tokens / 1000.0,
+            kv_hold_s=self.kv_hold_seconds,
         )

@@ -13,7 +13,11 @@ overhead benchmark):
 * the first token arrives ``ttft`` after admission, every further token ``itl`` after the
   previous one, each optionally scaled by a seeded uniform jitter;
 * KV-cache usage is the number of tokens held by running sequences (prompt plus generated)
-  divided by ``kv_capacity_tokens``; there is no prefix cache.
+  divided by ``kv_capacity_tokens``; there is no prefix cache;
+* prefill/decode disaggregation is timing only: a prefill pod's sequence simply has one output
+  token (it answers after ``ttft``), and a sequence whose prompt KV was transferred in
+  (``kv_transferred``) gets its first token after the transfer time plus one ``itl`` instead of
+  ``ttft``. No KV blocks exist, so nothing is held for a decode pod.
 
 ``model`` (`simulator.batching.BatchingEngine`): a paged KV cache with prefix caching and a
 continuous-batching step loop whose step times follow from the work in each step.
@@ -75,6 +79,13 @@ class EngineConfig:
     decode_step_s: float = 0.008
     decode_s_per_seq: float = 0.00008
     kv_transfer_s_per_1k_tokens: float = 0.003
+    kv_hold_s: float = 30.0
+    """How long a prefill pod keeps a finished prompt's KV blocks pinned for the decode pod to
+    fetch (vLLM's NIXL producer waits ``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``); 0 = not at all."""
+
+    def transfer_s(self, tokens: int) -> float:
+        """Time to receive ``tokens`` tokens of KV computed by another pod."""
+        return tokens / 1000.0 * self.kv_transfer_s_per_1k_tokens
 
 
 class SimEngine(Protocol):
@@ -108,7 +119,19 @@ class SimEngine(Protocol):
     async def next_token(self, seq: Sequence) -> None: ...
 
     def reset(self) -> None:
-        """Flush the prefix cache and zero the counters (running sequences are not touched)."""
+        """Flush the prefix cache, drop KV holds, zero the counters (running sequences are not touched)."""
+        ...
+
+    def release_hold(self, hold_id: int) -> str | None:
+        """Unpin a prefill's held KV blocks (the decode pod fetched them); the hold's model, None if unknown."""
+        ...
+
+    def hold_for_blocks(self, block_ids: list[int]) -> int | None:
+        """The oldest hold whose reported block ids are exactly ``block_ids``, or None."""
+        ...
+
+    def hold_stats(self) -> dict[str, int]:
+        """``holds``, ``held_blocks`` (gauges), ``holds_released``, ``holds_expired`` (counters)."""
         ...
 
     def snapshot(self) -> dict[str, Any]:
@@ -138,13 +161,25 @@ class Sequence:
         "_next_token_at",
         "cached_tokens",
         "generated",
+        "held_block_ids",
+        "hold_id",
+        "kv_transferred",
         "model",
         "num_choices",
         "output_tokens",
         "prompt_tokens",
+        "remote_tokens",
     )
 
-    def __init__(self, model: str, prompt_tokens: int, output_tokens: int, num_choices: int = 1) -> None:
+    def __init__(
+        self,
+        model: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        num_choices: int = 1,
+        *,
+        kv_transferred: bool = False,
+    ) -> None:
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.output_tokens = output_tokens
@@ -153,8 +188,16 @@ class Sequence:
         """Parallel samples (OpenAI ``n`` times the number of batched prompts); they advance together."""
         self.generated = 0
         """Tokens generated so far per choice."""
+        self.kv_transferred = kv_transferred
+        """The prompt's KV is computed by a prefill pod and transferred in (a decode pod's half)."""
         self.cached_tokens = 0
-        """Prompt tokens served from the prefix cache (block-aligned); always 0 in fixed timing."""
+        """Prompt tokens served from the local prefix cache (block-aligned); always 0 in fixed timing."""
+        self.remote_tokens = 0
+        """Prompt tokens whose KV was transferred in from a prefill pod (set at admission)."""
+        self.hold_id: int | None = None
+        """Set when a prefill pod keeps this finished sequence's KV blocks for a decode pod."""
+        self.held_block_ids: list[int] = []
+        """Ids of the full prompt blocks a prefill pod offers (``kv_transfer_params.remote_block_ids``)."""
         self._next_token_at = 0.0
 
     @property
@@ -231,6 +274,18 @@ class Engine:
         """Zero the counters (there is no cache to flush)."""
         self._queried.clear()
 
+    def release_hold(self, hold_id: int) -> str | None:
+        """Fixed timing holds no KV blocks."""
+        return None
+
+    def hold_for_blocks(self, block_ids: list[int]) -> int | None:
+        """Fixed timing holds no KV blocks."""
+        return None
+
+    def hold_stats(self) -> dict[str, int]:
+        """All zero: fixed timing holds no KV blocks."""
+        return {"holds": 0, "held_blocks": 0, "holds_released": 0, "holds_expired": 0}
+
     def snapshot(self) -> dict[str, Any]:
         """Engine state for ``GET /sim/stats``."""
         return {"timing": "fixed", "running": self.num_running, "waiting": self.num_waiting, "kv_usage": self.kv_usage}
@@ -241,7 +296,13 @@ class Engine:
     # ----------------------------------------------------------------- timing model
 
     def ttft_s(self, seq: Sequence) -> float:
-        """Delay between admission and the first token of ``seq``."""
+        """Delay between admission and the first token of ``seq``.
+
+        A transferred prompt skips the prefill: its KV arrives, then one decode step (``itl``)
+        computes the last prompt token and samples the first output token.
+        """
+        if seq.kv_transferred:
+            return self._jittered(self.config.transfer_s(seq.remote_tokens) + self.config.itl_s)
         return self._jittered(self.config.ttft_s)
 
     def itl_s(self, seq: Sequence) -> float:
@@ -291,6 +352,9 @@ class Engine:
         self._running_tokens += seq.num_choices
 
     def _start(self, seq: Sequence) -> None:
+        if seq.kv_transferred:
+            # Everything but the last prompt token arrives from the prefill pod (as in vLLM).
+            seq.remote_tokens = max(0, seq.prompt_tokens - 1)
         self._running.add(seq)
         self._running_tokens += seq.kv_tokens
         self._queried[seq.model] = self._queried.get(seq.model, 0) + seq.prompt_tokens

@@ -36,6 +36,16 @@ class ModelCounters:
     generation_tokens: int = 0
     success: dict[str, int] = field(default_factory=dict)
     """Finished requests by finish reason ("stop", "length")."""
+    prefill_only: int = 0
+    """Prefill-only requests served for a remote decode (vLLM ``do_remote_decode``, SGLang prefill half)."""
+    kv_transfers_in: int = 0
+    """Requests whose prompt KV came from a prefill pod."""
+    kv_transfer_tokens_in: int = 0
+    """Prompt tokens whose KV came from a prefill pod."""
+    external_queries: int = 0
+    """Prompt tokens of transferred requests not found in the local prefix cache (vLLM's connector queries)."""
+    bootstrap_timeouts: int = 0
+    """SGLang decode requests answered 503: their room never became ready, or its prefill failed."""
 
 
 class SimMetrics:
@@ -140,3 +150,40 @@ class _StateCollector(Collector):
             hits.add_metric([m], hit)
         yield queries
         yield hits
+
+        # Disaggregation. vLLM >= 0.11 names for what a KV connector supplied; sim-named for the rest.
+        per_model = (
+            ("vllm:external_prefix_cache_queries", "External prefix cache queries, in terms of number of "
+             "queried tokens (tokens not in the local cache of requests with remote KV).",
+             lambda c: c.external_queries),
+            ("vllm:external_prefix_cache_hits", "External prefix cache hits, in terms of number of cached "
+             "tokens (prompt tokens whose KV was transferred in).", lambda c: c.kv_transfer_tokens_in),
+            ("sim:prefill_only_requests", "Prefill-only requests served for a remote decode pod.",
+             lambda c: c.prefill_only),
+            ("sim:kv_transfers_in", "Requests whose prompt KV was transferred in from a prefill pod.",
+             lambda c: c.kv_transfers_in),
+            ("sim:kv_transfer_tokens_in", "Prompt tokens whose KV was transferred in from a prefill pod.",
+             lambda c: c.kv_transfer_tokens_in),
+            ("sim:bootstrap_timeouts", "SGLang decode requests refused (503): bootstrap room not ready in "
+             "time or its prefill failed.", lambda c: c.bootstrap_timeouts),
+        )  # fmt: skip
+        for name, doc, read in per_model:
+            counter = CounterMetricFamily(name, doc, labels=labels)
+            for m in models:
+                counter.add_metric([m], read(counters[m]))
+            yield counter
+
+        # KV holds belong to the pod's one cache, not to a model (model timing only; zero in fixed).
+        holds = engine.hold_stats()
+        yield GaugeMetricFamily(
+            "sim:kv_holds", "Finished prefills whose KV waits for a decode pod.", value=holds["holds"]
+        )
+        yield GaugeMetricFamily(
+            "sim:kv_held_blocks", "KV blocks pinned for decode pods to fetch.", value=holds["held_blocks"]
+        )
+        yield CounterMetricFamily(
+            "sim:kv_transfers_out", "KV holds released after a decode pod fetched them.", value=holds["holds_released"]
+        )
+        yield CounterMetricFamily(
+            "sim:kv_holds_expired", "KV holds dropped unfetched after --kv-hold-seconds.", value=holds["holds_expired"]
+        )

@@ -206,8 +206,14 @@ class ResponseWriter:
         """The SSE chunk builder of this response (built on demand: plain answers skip it)."""
         return StreamChunks(self)
 
-    def body(self, completion_tokens: int, finish_reason: str, usage_obj: dict[str, Any]) -> bytes:
-        """The non-streaming JSON body."""
+    def body(
+        self,
+        completion_tokens: int,
+        finish_reason: str,
+        usage_obj: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> bytes:
+        """The non-streaming JSON body; ``extra`` adds top-level fields (a prefill's ``kv_transfer_params``)."""
         text = generated_text(completion_tokens)
         choices: list[dict[str, Any]] = []
         for i in range(self.num_choices):
@@ -220,16 +226,17 @@ class ResponseWriter:
                 choice = {"index": i, "text": text}
             choice.update(logprobs=None, finish_reason=finish_reason, stop_reason=None)
             choices.append(choice)
-        return orjson.dumps(
-            {
-                "id": self.request_id,
-                "object": "chat.completion" if self.kind == "chat" else "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": choices,
-                "usage": usage_obj,
-            }
-        )
+        body: dict[str, Any] = {
+            "id": self.request_id,
+            "object": "chat.completion" if self.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage_obj,
+        }
+        if extra:
+            body.update(extra)
+        return orjson.dumps(body)
 
 
 class StreamChunks:
