@@ -44,6 +44,7 @@ class RouterConfig:
     prefix_cache_imbalance_abs_count: int = 16
     prefix_cache_stddev_factor: float = 1.0
     prefix_cache_cost_request_tokens: float = 256.0
+    prefix_cache_prefill_tokens_per_s: float = 16000.0
 
 
 # Environment variables users of the reference gateway already know, plus ours for the rest.
@@ -69,11 +70,13 @@ ENV_VARS: dict[str, str] = {
     "AIBRIX_PREFIX_CACHE_POD_RUNNING_REQUEST_IMBALANCE_ABS_COUNT": "prefix_cache_imbalance_abs_count",
     "AIBRIX_PREFIX_CACHE_STANDARD_DEVIATION_FACTOR": "prefix_cache_stddev_factor",
     "AIBRIX_PREFIX_CACHE_COST_REQUEST_TOKENS": "prefix_cache_cost_request_tokens",
+    "AIBRIX_PREFIX_CACHE_PREFILL_TOKENS_PER_SEC": "prefix_cache_prefill_tokens_per_s",
 }
 
 # Settings where 0 is a meaningful value (a seed, a percentage, a threshold, a weight).
 _ZERO_OK = frozenset({"prefix_cache_hash_seed", "prefix_cache_min_match_pct", "prefix_cache_imbalance_abs_count",
-                      "prefix_cache_stddev_factor", "prefix_cache_cost_request_tokens"})
+                      "prefix_cache_stddev_factor", "prefix_cache_cost_request_tokens",
+                      "prefix_cache_prefill_tokens_per_s"})
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:

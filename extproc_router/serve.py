@@ -165,6 +165,7 @@ def prefix_cache_settings(cfg: RouterConfig) -> PrefixCacheSettings:
         imbalance_abs_count=cfg.prefix_cache_imbalance_abs_count,
         stddev_factor=cfg.prefix_cache_stddev_factor,
         cost_request_tokens=cfg.prefix_cache_cost_request_tokens,
+        prefill_tokens_per_s=cfg.prefix_cache_prefill_tokens_per_s,
     )
 
 

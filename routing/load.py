@@ -2,28 +2,60 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 
 class LoadTracker:
-    """Counts requests this router has sent to each pod and not yet seen finish.
+    """Counts requests this router has sent to each pod and not yet seen finish, and the prompt
+    tokens those requests had to prefill (their uncached part, as far as the router can tell).
 
     Increment happens in the same synchronous step as the pick, so two concurrent decisions
     can never both see the same stale count (the race the reference has, its issue #2422).
+
+    Prefill tokens are booked until the request ends: the router never sees the first token, so
+    it cannot tell when a prefill finished. With `prefill_rate` (tokens/s) set, `queued_prefill`
+    also drains each pod's booked tokens at that rate since they arrived, as the engine works
+    through them, never reporting more than is still booked: a request decoding for a minute no
+    longer looks like a queued prefill.
     """
 
-    __slots__ = ("_inflight", "_total")
+    __slots__ = ("_clock", "_inflight", "_prefill", "_queue", "_total", "prefill_rate")
 
-    def __init__(self) -> None:
+    def __init__(self, prefill_rate: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._inflight: dict[str, int] = {}
+        self._prefill: dict[str, int] = {}
+        self._queue: dict[str, tuple[float, float]] = {}  # pod -> (queued tokens, as of time)
         self._total = 0
+        self.prefill_rate = prefill_rate
+        self._clock = clock
 
     def inflight(self, pod_key: str) -> int:
         return self._inflight.get(pod_key, 0)
 
-    def acquire(self, pod_key: str) -> None:
+    def prefill_tokens(self, pod_key: str) -> int:
+        """Uncached prompt tokens of the requests in flight on `pod_key`."""
+        return self._prefill.get(pod_key, 0)
+
+    def queued_prefill(self, pod_key: str) -> float:
+        """Prefill tokens `pod_key` is estimated to still have queued (see the class docstring)."""
+        booked = self._prefill.get(pod_key, 0)
+        if booked == 0 or self.prefill_rate <= 0:
+            return float(booked)
+        queued, since = self._queue.get(pod_key, (0.0, 0.0))
+        return min(float(booked), max(0.0, queued - (self._clock() - since) * self.prefill_rate))
+
+    def acquire(self, pod_key: str, prefill_tokens: int = 0) -> None:
         self._inflight[pod_key] = self._inflight.get(pod_key, 0) + 1
         self._total += 1
+        if prefill_tokens > 0:
+            self._prefill[pod_key] = self._prefill.get(pod_key, 0) + prefill_tokens
+            if self.prefill_rate > 0:
+                now = self._clock()
+                queued, since = self._queue.get(pod_key, (0.0, now))
+                self._queue[pod_key] = (max(0.0, queued - (now - since) * self.prefill_rate) + prefill_tokens, now)
 
-    def release(self, pod_key: str) -> None:
+    def release(self, pod_key: str, prefill_tokens: int = 0) -> None:
         n = self._inflight.get(pod_key, 0)
         if n <= 1:
             self._inflight.pop(pod_key, None)
@@ -31,6 +63,13 @@ class LoadTracker:
             self._inflight[pod_key] = n - 1
         if n > 0:
             self._total -= 1
+        if prefill_tokens > 0:
+            left = self._prefill.get(pod_key, 0) - prefill_tokens
+            if left > 0:
+                self._prefill[pod_key] = left
+            else:
+                self._prefill.pop(pod_key, None)
+                self._queue.pop(pod_key, None)
 
     @property
     def total(self) -> int:
@@ -39,7 +78,13 @@ class LoadTracker:
     def snapshot(self) -> dict[str, int]:
         return dict(self._inflight)
 
+    def prefill_snapshot(self) -> dict[str, int]:
+        return dict(self._prefill)
+
     def forget(self, keep: set[str]) -> None:
         """Drop counters of pods that no longer exist (their streams release into nothing)."""
         for key in [k for k in self._inflight if k not in keep]:
             self._total -= self._inflight.pop(key)
+        for key in [k for k in self._prefill if k not in keep]:
+            del self._prefill[key]
+            self._queue.pop(key, None)

@@ -33,6 +33,9 @@ class RoutingRequest:
     # What a strategy wants the client to see about its decision (e.g. the prefix match), echoed
     # as response headers when the name is one Envoy's route echoes (envoyconfig RESPONSE_ECHO_HEADERS).
     annotations: dict[str, str] = field(default_factory=dict)
+    # Uncached prompt tokens the chosen pod must prefill, when a cache-aware strategy estimated it;
+    # the router books them as that pod's in-flight prefill work (None: the whole prompt).
+    prefill_tokens: int | None = None
 
 
 def _bad(message: str, param: str | None = None) -> RoutingError:

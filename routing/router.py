@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from routing.errors import RoutingError
 from routing.load import LoadTracker
@@ -11,6 +12,8 @@ from routing.multi import combine, is_multi, normalise, parse_spec
 from routing.pods import ModelEntry, Pod, PodSnapshot
 from routing.request import RoutingRequest
 from routing.strategies import Strategy, builtin_strategies
+from routing.strategies.prefix_cache import PrefixCacheSettings
+from routing.tokenizers import BYTES_PER_TOKEN
 
 DEFAULT_STRATEGY = "random"
 
@@ -20,6 +23,14 @@ class RoutingSettings:
     """Routing knobs, filled from the one configuration object (file, then env)."""
 
     default_strategy: str | None = None  # env ROUTING_ALGORITHM
+    prefix_cache: PrefixCacheSettings = field(default_factory=PrefixCacheSettings)  # AIBRIX_PREFIX_CACHE_*
+
+
+@runtime_checkable
+class PodStateOwner(Protocol):
+    """A strategy that keeps per-pod state (the prefix index) and must drop pods that are gone."""
+
+    def retain_pods(self, keep: set[str]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +54,7 @@ class Decision:
     echo: dict[str, str] = field(default_factory=dict)  # strategy annotations for the response
     prefill: Pod | None = None  # pd: the pod the router sends the prefill call to
     engine: str = "vllm"  # pd: how the prefill call is made (vllm: sync with kv_transfer_params; sglang)
+    prefill_tokens: int = 0  # booked as the pod's in-flight prefill work until release
     released: bool = False
 
 
@@ -53,9 +65,10 @@ class Router:
                  strategies: dict[str, Strategy] | None = None, rng: random.Random | None = None,
                  load: LoadTracker | None = None) -> None:
         self.settings = settings or RoutingSettings()
-        self.strategies = strategies if strategies is not None else builtin_strategies()
+        self.strategies = (strategies if strategies is not None
+                           else builtin_strategies(prefix_cache=self.settings.prefix_cache))
         self.rng = rng or random.Random()
-        self.load = load or LoadTracker()
+        self.load = load or LoadTracker(prefill_rate=self.settings.prefix_cache.prefill_tokens_per_s)
         self.snapshot = PodSnapshot({})
         if self.settings.default_strategy and self.settings.default_strategy not in self.strategies:
             raise ValueError(f"ROUTING_ALGORITHM={self.settings.default_strategy!r} is not a known strategy; "
@@ -66,7 +79,11 @@ class Router:
 
     def update_snapshot(self, snapshot: PodSnapshot) -> None:
         self.snapshot = snapshot
-        self.load.forget({p.key for m in snapshot.models.values() for p in m.pods})
+        keep = {p.key for m in snapshot.models.values() for p in m.pods}
+        self.load.forget(keep)
+        for strategy in self.strategies.values():
+            if isinstance(strategy, PodStateOwner):
+                strategy.retain_pods(keep)
 
     def resolve_strategy(self, header: str | None, profile: ProfileChoice | None = None) -> tuple[str, str]:
         """Strategy name and where it came from, by the reference's precedence:
@@ -113,9 +130,11 @@ class Router:
                             profile=profile.name if profile else None, echo=request.annotations,
                             prefill=plan.prefill, engine=plan.engine)
         pod = strategy.pick(request, ready, self.load, self.rng)
-        self.load.acquire(pod.key)
+        prefill = _prefill_tokens(request)
+        self.load.acquire(pod.key, prefill)
         return Decision(pod=pod, model=request.model, strategy=name, strategy_source=source,
-                        profile=profile.name if profile else None, echo=request.annotations)
+                        profile=profile.name if profile else None, echo=request.annotations,
+                        prefill_tokens=prefill)
 
     def _decide_weighted(self, request: RoutingRequest, entry: ModelEntry, spec: str, source: str,
                          profile: ProfileChoice | None) -> Decision:
@@ -136,13 +155,27 @@ class Router:
         per_strategy = [(w, normalise(s.score(request, ready, self.load, self.rng), s.higher_is_better))
                         for w, s in scorers]
         pod = ready[combine(per_strategy, self.rng)]
-        self.load.acquire(pod.key)
+        for _, s in scorers:
+            # Strategies with state (the prefix index) learn the combination's pick.
+            observe = getattr(s, "observe", None)
+            if observe is not None:
+                observe(request, pod)
+        prefill = _prefill_tokens(request)
+        self.load.acquire(pod.key, prefill)
         canonical = ",".join(f"{p.name}:{p.weight}" for p in parts)
         return Decision(pod=pod, model=request.model, strategy=canonical, strategy_source=source,
-                        profile=profile.name if profile else None, echo=request.annotations)
+                        profile=profile.name if profile else None, echo=request.annotations,
+                        prefill_tokens=prefill)
 
     def release(self, decision: Decision) -> None:
         """End a decision's accounting; safe to call more than once."""
         if not decision.released:
             decision.released = True
-            self.load.release(decision.pod.key)
+            self.load.release(decision.pod.key, decision.prefill_tokens)
+
+
+def _prefill_tokens(request: RoutingRequest) -> int:
+    """Prefill work to book for `request`: a cache-aware strategy's estimate, else the whole prompt."""
+    if request.prefill_tokens is not None:
+        return request.prefill_tokens
+    return int(len(request.prompt) / BYTES_PER_TOKEN)

@@ -1,0 +1,286 @@
+"""`prefix-cache`: send a prompt to the pod that was last sent its longest prefix, unless that
+pod is busy enough that recomputing the prefix elsewhere is faster (reference §8).
+
+A decision: tokenize the prompt (`routing/tokenizers.py`), hash its full blocks into a chain
+(`routing/block_hash.py`), ask the index (`routing/prefix_index.py`) how many leading blocks each
+ready pod holds, drop matches below `min_match_pct` of the hashed blocks (a 1% match must not pull
+traffic: the reference's hot-spot issues #2680-#2689), then let a load guard pick:
+
+* `cost` (default): estimated time to first token on each pod, in prefill tokens: the pod's
+  queued uncached prompt tokens (booked per request until it ends, drained at
+  `prefill_tokens_per_s` since they arrived: `LoadTracker.queued_prefill`) + this request's
+  uncached tokens there + `cost_request_tokens` per open request (running sequences slow every
+  engine step and hold KV cache). The lowest wins, so a cached prefix is worth exactly what it
+  saves, and a hot prefix spills over once its pod's queue costs more than recomputing the prefix
+  elsewhere (the shape of Dynamo's cost and llm-d's token-load scorer).
+* `stddev` (the reference's rules): if the in-flight spread over ready pods exceeds
+  `imbalance_abs_count`, only the least-loaded pods stay candidates; matched candidates are tried
+  by match desc, load asc, and the first with load <= mean + `stddev_factor` * stddev wins; otherwise
+  least-request.
+
+Whatever was picked, the index learns that the chosen pod now holds the prompt's blocks: also
+with one ready pod, and also when the guard overrode the match (the pod will have computed them).
+The match goes to the client as `x-prefix-cache-match: <share>;tokens=<n>;sel=<selection>`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from routing.block_hash import DEFAULT_HASH_SEED, chain_hashes
+from routing.load import LoadTracker
+from routing.pods import Pod
+from routing.prefix_index import PrefixIndex
+from routing.request import RoutingRequest
+from routing.tokenizers import BYTES_PER_TOKEN, CHARACTER, TIKTOKEN, TOKENIZER_TYPES, Tokenizer, make_tokenizer
+
+MATCH_HEADER = "x-prefix-cache-match"
+GUARD_COST = "cost"
+GUARD_STDDEV = "stddev"
+LOAD_GUARDS = (GUARD_COST, GUARD_STDDEV)
+
+# Per tokenizer, in its units. Characters: 128 bytes (the reference chart's value; its code default
+# of 4 bytes would hash every prompt into thousands of blocks) is ~32 tokens, two 16-token vLLM KV
+# blocks: finer blocks cost hashing and index room without routing better. Tokens: 16, vLLM's KV
+# block, the unit the engine itself reuses.
+DEFAULT_BLOCK_SIZE = {CHARACTER: 128, TIKTOKEN: 16}
+
+# Selection outcomes, as the reference's `prefix_cache_routing_selection_total{selection}`.
+SEL_MATCH = "prefix_match"  # the chosen pod holds a (large enough) prefix of the prompt
+SEL_SKIPPED = "prefix_match_skipped"  # some pod did, but the load guard chose one that does not
+SEL_LEAST_REQUEST = "least_request_fallback"  # no usable match (stddev guard): least in-flight
+SEL_LEAST_COST = "least_cost_fallback"  # no usable match (cost guard): cheapest pod
+SEL_WEIGHTED = "weighted"  # part of a weighted combination (`least-request:2,prefix-cache:1`)
+
+_BUCKETS = ((0, "0"), (25, "1-25"), (50, "26-50"), (75, "51-75"), (100, "76-100"))
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixCacheSettings:
+    """`AIBRIX_PREFIX_CACHE_*`; see the module docstring and the README for the rationale."""
+
+    tokenizer_type: str = CHARACTER  # AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE
+    block_size: int | None = None  # AIBRIX_PREFIX_CACHE_BLOCK_SIZE; None: DEFAULT_BLOCK_SIZE
+    hash_seed: int = DEFAULT_HASH_SEED  # AIBRIX_PREFIX_CACHE_HASH_SEED; same on every replica
+    max_prefix_blocks: int = 1024  # AIBRIX_PREFIX_CACHE_MAX_PREFIX_BLOCKS; blocks hashed per request
+    block_number: int = 200_000  # AIBRIX_PREFIX_CACHE_BLOCK_NUMBER; index entries (block, pod)
+    eviction_duration_mins: float = 20.0  # AIBRIX_PREFIX_CACHE_EVICTION_DURATION_MINS
+    min_match_pct: float = 10.0  # AIBRIX_PREFIX_CACHE_MIN_MATCH_PCT
+    load_guard: str = GUARD_COST  # AIBRIX_PREFIX_CACHE_LOAD_GUARD
+    imbalance_abs_count: int = 16  # AIBRIX_PREFIX_CACHE_POD_RUNNING_REQUEST_IMBALANCE_ABS_COUNT
+    stddev_factor: float = 1.0  # AIBRIX_PREFIX_CACHE_STANDARD_DEVIATION_FACTOR
+    cost_request_tokens: float = 256.0  # AIBRIX_PREFIX_CACHE_COST_REQUEST_TOKENS
+    prefill_tokens_per_s: float = 16000.0  # AIBRIX_PREFIX_CACHE_PREFILL_TOKENS_PER_SEC; 0: no draining
+
+    def validate(self) -> None:
+        """ValueError naming the environment variable of the first bad value."""
+        checks = [
+            (self.tokenizer_type in TOKENIZER_TYPES, "AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE",
+             f"one of {', '.join(TOKENIZER_TYPES)}", self.tokenizer_type),
+            (self.block_size is None or self.block_size >= 1, "AIBRIX_PREFIX_CACHE_BLOCK_SIZE", "at least 1",
+             self.block_size),
+            (0 <= self.hash_seed < 2**64, "AIBRIX_PREFIX_CACHE_HASH_SEED", "an unsigned 64-bit integer",
+             self.hash_seed),
+            (self.max_prefix_blocks >= 1, "AIBRIX_PREFIX_CACHE_MAX_PREFIX_BLOCKS", "at least 1",
+             self.max_prefix_blocks),
+            (self.block_number >= 1, "AIBRIX_PREFIX_CACHE_BLOCK_NUMBER", "at least 1", self.block_number),
+            (self.eviction_duration_mins > 0, "AIBRIX_PREFIX_CACHE_EVICTION_DURATION_MINS", "positive",
+             self.eviction_duration_mins),
+            (0 <= self.min_match_pct <= 100, "AIBRIX_PREFIX_CACHE_MIN_MATCH_PCT", "from 0 to 100",
+             self.min_match_pct),
+            (self.load_guard in LOAD_GUARDS, "AIBRIX_PREFIX_CACHE_LOAD_GUARD", f"one of {', '.join(LOAD_GUARDS)}",
+             self.load_guard),
+            (self.imbalance_abs_count >= 0, "AIBRIX_PREFIX_CACHE_POD_RUNNING_REQUEST_IMBALANCE_ABS_COUNT",
+             "0 or more", self.imbalance_abs_count),
+            (self.stddev_factor >= 0, "AIBRIX_PREFIX_CACHE_STANDARD_DEVIATION_FACTOR", "0 or more",
+             self.stddev_factor),
+            (self.cost_request_tokens >= 0, "AIBRIX_PREFIX_CACHE_COST_REQUEST_TOKENS", "0 or more",
+             self.cost_request_tokens),
+            (self.prefill_tokens_per_s >= 0, "AIBRIX_PREFIX_CACHE_PREFILL_TOKENS_PER_SEC", "0 or more",
+             self.prefill_tokens_per_s),
+        ]
+        for ok, var, wanted, value in checks:
+            if not ok:
+                raise ValueError(f"{var} must be {wanted}, got {value!r}")
+
+
+@dataclass(slots=True)
+class _Prompt:
+    """One request's hashed prompt, kept between `score` and `observe` of a weighted decision."""
+
+    hashes: np.ndarray
+    tokens: float  # estimated model tokens of the whole prompt
+    matches: dict[str, int]  # pod key -> leading blocks held
+
+
+class PrefixCacheStrategy:
+    """The `prefix-cache` strategy; also a scorer for weighted combinations and the index owner
+    `pd` can share (`match_shares`, `observe`)."""
+
+    name = "prefix-cache"
+    higher_is_better = True
+
+    def __init__(self, settings: PrefixCacheSettings | None = None, *, index: PrefixIndex | None = None,
+                 tokenizer: Tokenizer | None = None, clock: Callable[[], float] = time.time) -> None:
+        s = settings or PrefixCacheSettings()
+        s.validate()
+        self.settings = s
+        self.tokenizer = tokenizer or make_tokenizer(s.tokenizer_type)
+        self.block_size = s.block_size or DEFAULT_BLOCK_SIZE[self.tokenizer.name]
+        self.index = index if index is not None else PrefixIndex(s.block_number, s.eviction_duration_mins * 60.0)
+        self._clock = clock
+        self._block_bytes = self.block_size * self.tokenizer.unit_bytes
+        self._block_tokens = self.block_size / self.tokenizer.units_per_token
+        self._max_units = s.max_prefix_blocks * self.block_size
+        self._scratch: tuple[RoutingRequest, _Prompt] | None = None
+        self._pods_seen: Sequence[Pod] = ()
+        self._pod_keys: tuple[str, ...] = ()
+        # Plain ints on the request path; ext_proc/metrics.py reads them at scrape time.
+        self.decisions: dict[tuple[str, str], int] = {}  # (model, match percent bucket)
+        self.selections: dict[tuple[str, str], int] = {}  # (model, selection)
+        self.imbalance: dict[str, int] = {}  # model -> abs-imbalance rule fired
+        self.ignored_matches: dict[str, int] = {}  # model -> best match below min_match_pct
+        self.errors: dict[tuple[str, str], int] = {}  # (model, reason)
+
+    # -- Strategy ------------------------------------------------------------------------------
+    def pick(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker, rng: random.Random) -> Pod:
+        now = self._clock()
+        prompt = self._hash(request, pods, now)
+        valid = self._usable(request.model, prompt)
+        if self.settings.load_guard == GUARD_COST:
+            pod, selection = self._by_cost(pods, valid, prompt.tokens, load, rng)
+        else:
+            pod, selection = self._by_stddev(request.model, pods, valid, load, rng)
+        self._record(request, prompt, pod, selection, now)
+        return pod
+
+    # -- ScoringStrategy (weighted combinations) ---------------------------------------------------
+    def score(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker,
+              rng: random.Random) -> list[float]:
+        """Matched share of the prompt per pod (0 below `min_match_pct`); `observe` then records
+        the combination's pick."""
+        prompt = self._hash(request, pods, self._clock())
+        self._scratch = (request, prompt)
+        valid = self._usable(request.model, prompt)
+        n = len(prompt.hashes)
+        return [valid.get(p.key, 0) / n if n else 0.0 for p in pods]
+
+    def observe(self, request: RoutingRequest, pod: Pod) -> None:
+        """`request` was routed to `pod` by something else (a weighted combination, `pd`'s prefill
+        pick): the index learns it, the request gets its uncached-token estimate and header."""
+        now = self._clock()
+        scratch = self._scratch
+        self._scratch = None
+        prompt = scratch[1] if scratch is not None and scratch[0] is request else self._hash(request, (pod,), now)
+        self._record(request, prompt, pod, SEL_WEIGHTED, now)
+
+    def match_shares(self, request: RoutingRequest, pods: Sequence[Pod]) -> Mapping[str, float]:
+        """Matched share (0..1) of the prompt per pod holding a usable prefix; no side effects."""
+        prompt = self._hash(request, pods, self._clock())
+        n = len(prompt.hashes)
+        return {k: m / n for k, m in self._usable(request.model, prompt, count=False).items()}
+
+    def retain_pods(self, keep: set[str]) -> None:
+        """The snapshot changed: forget the index entries of pods that are gone."""
+        self.index.retain_pods(keep)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _hash(self, request: RoutingRequest, pods: Sequence[Pod], now: float) -> _Prompt:
+        try:
+            data, tokens = self.tokenizer.encode(request.prompt, self._max_units)
+        except (ValueError, UnicodeError):  # a tokenizer must never fail a request: route unmatched
+            self._count(self.errors, (request.model, "tokenize_failed"))
+            return _Prompt(np.empty(0, dtype=np.uint64), len(request.prompt) / BYTES_PER_TOKEN, {})
+        hashes = chain_hashes(data, self._block_bytes, request.model, self.settings.hash_seed,
+                              self.settings.max_prefix_blocks)
+        matches = self.index.match(hashes, self._keys(pods), now) if len(hashes) else {}
+        return _Prompt(hashes, tokens, matches)
+
+    def _keys(self, pods: Sequence[Pod]) -> tuple[str, ...]:
+        # A model's ready tuple is the same object until the snapshot changes.
+        if pods is not self._pods_seen:
+            self._pods_seen = pods
+            self._pod_keys = tuple(p.key for p in pods)
+        return self._pod_keys
+
+    def _usable(self, model: str, prompt: _Prompt, *, count: bool = True) -> dict[str, int]:
+        """Matches of at least `min_match_pct` of the hashed blocks (and at least one block)."""
+        if not prompt.matches:
+            return {}
+        floor = max(1, math.ceil(len(prompt.hashes) * self.settings.min_match_pct / 100.0))
+        valid = {k: m for k, m in prompt.matches.items() if m >= floor}
+        if not valid and count:
+            self._count(self.ignored_matches, model)
+        return valid
+
+    def _by_cost(self, pods: Sequence[Pod], valid: dict[str, int], tokens: float, load: LoadTracker,
+                 rng: random.Random) -> tuple[Pod, str]:
+        per_request = self.settings.cost_request_tokens
+        block_tokens = self._block_tokens
+        best: list[Pod] = []
+        best_key: tuple[float, int] | None = None
+        for pod, key in zip(pods, self._keys(pods), strict=True):
+            m = valid.get(key, 0)
+            cost = load.queued_prefill(key) + max(0.0, tokens - m * block_tokens) + per_request * load.inflight(key)
+            rank = (cost, -m)  # equal cost: the longer match keeps the cache warm
+            if best_key is None or rank < best_key:
+                best, best_key = [pod], rank
+            elif rank == best_key:
+                best.append(pod)
+        pod = best[rng.randrange(len(best))] if len(best) > 1 else best[0]
+        if pod.key in valid:
+            return pod, SEL_MATCH
+        return pod, SEL_SKIPPED if valid else SEL_LEAST_COST
+
+    def _by_stddev(self, model: str, pods: Sequence[Pod], valid: dict[str, int], load: LoadTracker,
+                   rng: random.Random) -> tuple[Pod, str]:
+        counts = [load.inflight(p.key) for p in pods]
+        candidates: Sequence[Pod] = pods
+        cand_counts = counts
+        lo = min(counts)
+        if max(counts) - lo > self.settings.imbalance_abs_count:
+            self._count(self.imbalance, model)
+            pairs = [(p, c) for p, c in zip(pods, counts, strict=True) if c == lo]
+            candidates = [p for p, _ in pairs]
+            cand_counts = [c for _, c in pairs]
+        matched = [(valid[p.key], c, p) for p, c in zip(candidates, cand_counts, strict=True) if p.key in valid]
+        selection = SEL_LEAST_REQUEST
+        if matched:
+            n = len(counts)
+            mean = sum(counts) / n
+            # Sample standard deviation over all ready pods, as the reference.
+            sd = math.sqrt(sum((c - mean) ** 2 for c in counts) / (n - 1)) if n > 1 else 0.0
+            limit = mean + self.settings.stddev_factor * sd
+            rng.shuffle(matched)
+            matched.sort(key=lambda t: (-t[0], t[1]))
+            for _, c, pod in matched:
+                if c <= limit:
+                    return pod, SEL_MATCH
+            selection = SEL_SKIPPED
+        least = min(cand_counts)
+        tied = [p for p, c in zip(candidates, cand_counts, strict=True) if c == least]
+        return (tied[rng.randrange(len(tied))] if len(tied) > 1 else tied[0]), selection
+
+    def _record(self, request: RoutingRequest, prompt: _Prompt, pod: Pod, selection: str, now: float) -> None:
+        n = len(prompt.hashes)
+        if n:
+            self.index.add(prompt.hashes, pod.key, now)
+        held = prompt.matches.get(pod.key, 0)
+        matched_tokens = held * self._block_tokens
+        request.prefill_tokens = max(0, round(prompt.tokens - matched_tokens))
+        share = held / n if n else 0.0
+        request.annotations[MATCH_HEADER] = f"{share:.2f};tokens={round(matched_tokens)};sel={selection}"
+        pct = held * 100 // n if n else 0
+        bucket = next(label for top, label in _BUCKETS if pct <= top)
+        self._count(self.decisions, (request.model, bucket))
+        self._count(self.selections, (request.model, selection))
+
+    @staticmethod
+    def _count(counter: dict, key: object) -> None:
+        counter[key] = counter.get(key, 0) + 1
