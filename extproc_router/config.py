@@ -33,6 +33,8 @@ class RouterConfig:
     redis_tls: bool = False
     # Prefix-cache routing (the reference's AIBRIX_PREFIX_CACHE_*); values are checked by the strategy,
     # whose error names the variable. Defaults and their rationale: routing/strategies/prefix_cache.py.
+    prefill_timeout: float = 30.0  # pd: the router's prefill call (AIBRIX_PREFILL_REQUEST_TIMEOUT, seconds)
+    pod_metrics_interval_ms: int = 100  # pd: scrape prefill/decode pods' /metrics this often
     prefix_cache_tokenizer_type: str = "character"
     prefix_cache_block_size: int | None = None  # None: 128 for characters, 16 for tiktoken tokens
     prefix_cache_hash_seed: int | None = None  # None: the fixed built-in seed, shared by all replicas
@@ -59,6 +61,8 @@ ENV_VARS: dict[str, str] = {
     "REDIS_PORT": "redis_port",
     "REDIS_PASSWORD": "redis_password",
     "REDIS_TLS": "redis_tls",
+    "AIBRIX_PREFILL_REQUEST_TIMEOUT": "prefill_timeout",
+    "AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS": "pod_metrics_interval_ms",
     "AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE": "prefix_cache_tokenizer_type",
     "AIBRIX_PREFIX_CACHE_BLOCK_SIZE": "prefix_cache_block_size",
     "AIBRIX_PREFIX_CACHE_HASH_SEED": "prefix_cache_hash_seed",

@@ -15,18 +15,22 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from discovery.manager import FileDiscovery
+from discovery.pod_metrics import PodMetrics, PodMetricsScraper
 from discovery.static_file import DiscoveryError, PodFile, read_pod_file
 from ext_proc.h2grpc import GrpcServer
 from ext_proc.health import HEALTH_CHECK_PATH, HealthHandler
 from ext_proc.http_app import build_http_app
 from ext_proc.metrics import PrefixCacheCollector, RouterMetrics, RouterStateCollector
+from ext_proc.prefill import PrefillClient
 from ext_proc.service import PROCESS_PATH, ExtProcService, ServiceSettings, models_list
 from extproc_router.config import ConfigError, RouterConfig, split_hostport
 from extproc_router.policy import parse_api_keys, parse_users
 from routing.block_hash import DEFAULT_HASH_SEED
 from routing.pods import PodSnapshot
 from routing.router import Router, RoutingSettings
+from routing.strategies.pd import ROLE_DECODE, ROLE_PREFILL, PDStrategy, PodLoad
 from routing.strategies.prefix_cache import PrefixCacheSettings
+from routing.tokenizers import count_tokens
 
 log = logging.getLogger("extproc_router")
 
@@ -69,9 +73,11 @@ class RouterProcess:
             raise ConfigError(str(exc)) from None
         self.registry.register(RouterStateCollector(lambda: self.router))
         self.registry.register(PrefixCacheCollector(lambda: self.router))
+        # pd ranks decode pods by what their engines report: scrape prefill/decode pods' /metrics.
+        self.pod_metrics = PodMetricsScraper(self._publish_pod_metrics, interval=cfg.pod_metrics_interval_ms / 1000)
         self.discovery: PodSource
         if make_discovery is None:
-            file_discovery = FileDiscovery(cfg.pods_file, self.router.update_snapshot,
+            file_discovery = FileDiscovery(cfg.pods_file, self._publish_snapshot,
                                            poll_interval=cfg.reload_interval, health_interval=cfg.health_interval,
                                            health_timeout=cfg.health_timeout,
                                            unhealthy_threshold=cfg.unhealthy_threshold)
@@ -81,7 +87,7 @@ class RouterProcess:
             pod_file = read_pod_file(cfg.pods_file) if cfg.pods_file else PodFile()
             if pod_file.pods:
                 log.warning("%s lists pods; they are ignored: pods come from discovery", cfg.pods_file)
-            self.discovery = make_discovery(self.router.update_snapshot)
+            self.discovery = make_discovery(self._publish_snapshot)
         users, default_limits = parse_users(pod_file.users)
         settings = ServiceSettings(max_body_bytes=cfg.max_body_bytes,
                                    api_keys=parse_api_keys(pod_file.auth, os.environ),
@@ -94,7 +100,8 @@ class RouterProcess:
             self.redis = PipelinedRedis(cfg.redis_host, cfg.redis_port, password=cfg.redis_password,
                                         tls=cfg.redis_tls, timeout=1.0)
             limiter = RedisLimiter(self.redis, on_error=lambda op: self.metrics.ratelimit_errors.labels(op).inc())
-        self.service = ExtProcService(self.router, self.metrics, settings, limiter=limiter)
+        self.service = ExtProcService(self.router, self.metrics, settings, limiter=limiter,
+                                      prompt_tokens=count_tokens, prefill=PrefillClient(cfg.prefill_timeout))
         self.draining = False
         self.grpc = GrpcServer({
             PROCESS_PATH: self.service.handler,
@@ -103,6 +110,17 @@ class RouterProcess:
         self._http_runner: web.AppRunner | None = None
         self.grpc_port = 0
         self.http_port = 0
+
+    def _publish_snapshot(self, snapshot: PodSnapshot) -> None:
+        self.router.update_snapshot(snapshot)
+        self.pod_metrics.set_pods(p for m in snapshot.models.values() for p in m.ready
+                                  if p.role in (ROLE_PREFILL, ROLE_DECODE))
+
+    def _publish_pod_metrics(self, metrics: dict[str, PodMetrics]) -> None:
+        pd = self.router.strategies.get("pd")
+        if isinstance(pd, PDStrategy):
+            pd.pod_loads = {k: PodLoad(running=m.running, waiting=m.waiting, kv_usage=m.kv_usage)
+                            for k, m in metrics.items()}
 
     def is_ready(self) -> bool:
         return self.discovery.ready and not self.draining
@@ -120,6 +138,7 @@ class RouterProcess:
             log.warning("no REDIS_HOST: per-user limits are counted in this process only; with N replicas "
                         "a user gets N times the configured budget")
         await self.discovery.start()
+        await self.pod_metrics.start()
         host, port = split_hostport(self.cfg.grpc_listen, "grpc_listen")
         self.grpc_port = await self.grpc.start(host, port)
         app = build_http_app(self.registry, lambda: models_list(self.router), self.is_ready)
@@ -147,6 +166,8 @@ class RouterProcess:
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         await self.discovery.stop()
+        await self.pod_metrics.stop()
+        await self.service.prefill.close()
         if self.redis is not None:
             await self.redis.close()
 

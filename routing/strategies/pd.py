@@ -68,9 +68,11 @@ class PDStrategy:
 
     def __init__(self, prompt_tokens: Callable[[str], int],
                  prefill_match: Callable[[RoutingRequest, Sequence[Pod]], Mapping[str, float]] | None = None,
+                 observe_prefill: Callable[[RoutingRequest, Pod], None] | None = None,
                  stddev_factor: float = 2.0) -> None:
         self.prompt_tokens = prompt_tokens
         self.prefill_match = prefill_match  # pod key -> matched share of the prompt (0..1)
+        self.observe_prefill = observe_prefill  # records the chosen prefill pod in the prefix index
         self.stddev_factor = stddev_factor
         self.pod_loads: Mapping[str, PodLoad] = {}
         self._profiles = ProfileCache()
@@ -150,7 +152,10 @@ class PDStrategy:
             if best is None or (score, tie) < (best[0], best[1]):
                 best = (score, tie, plan)
         assert best is not None
-        return best[2]
+        chosen = best[2]
+        if self.observe_prefill is not None and chosen.prefill is not None:
+            self.observe_prefill(request, chosen.prefill)
+        return chosen
 
     @staticmethod
     def _combined(pods: list[Pod], load: LoadTracker, rng: random.Random) -> PDPlan:
