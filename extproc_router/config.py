@@ -26,11 +26,18 @@ class RouterConfig:
     reload_interval: float = 1.0
     shutdown_grace: float = 10.0
     log_level: str = "info"
-    # Redis: rate-limit budgets shared by replicas (and, later, state sync). Unset: in-process only.
+    # Redis: rate-limit budgets shared by replicas, and state sync below. Unset: in-process only.
     redis_host: str | None = None
     redis_port: int = 6379
     redis_password: str | None = None
     redis_tls: bool = False
+    # Cross-replica routing state through Redis (statesync/): prefix-index deltas and in-flight load.
+    # Off unless AIBRIX_STATESYNC_ENABLED=true (the seed's switch), and only with redis_host.
+    statesync_enabled: bool = False
+    statesync_flush_ms: float = 5.0  # publish prefix-index deltas this often (one stream entry per flush)
+    statesync_snapshot_interval: float = 10.0  # seconds between this replica's compacted snapshots
+    statesync_stream_maxlen: int = 10_000  # stream entries Redis keeps (XADD MAXLEN ~): bounds its memory
+    statesync_load_interval_ms: int = 100  # share in-flight counts this often (the reference's period)
     # Prefix-cache routing (the reference's AIBRIX_PREFIX_CACHE_*); values are checked by the strategy,
     # whose error names the variable. Defaults and their rationale: routing/strategies/prefix_cache.py.
     prefill_timeout: float = 30.0  # pd: the router's prefill call (AIBRIX_PREFILL_REQUEST_TIMEOUT, seconds)
@@ -45,7 +52,7 @@ class RouterConfig:
     prefix_cache_load_guard: str = "cost"
     prefix_cache_imbalance_abs_count: int = 16
     prefix_cache_stddev_factor: float = 1.0
-    prefix_cache_cost_request_tokens: float = 256.0
+    prefix_cache_cost_request_tokens: float = 64.0
     prefix_cache_prefill_tokens_per_s: float = 16000.0
 
 
@@ -61,6 +68,11 @@ ENV_VARS: dict[str, str] = {
     "REDIS_PORT": "redis_port",
     "REDIS_PASSWORD": "redis_password",
     "REDIS_TLS": "redis_tls",
+    "AIBRIX_STATESYNC_ENABLED": "statesync_enabled",
+    "EXTPROC_ROUTER_STATESYNC_FLUSH_MS": "statesync_flush_ms",
+    "EXTPROC_ROUTER_STATESYNC_SNAPSHOT_INTERVAL": "statesync_snapshot_interval",
+    "EXTPROC_ROUTER_STATESYNC_STREAM_MAXLEN": "statesync_stream_maxlen",
+    "EXTPROC_ROUTER_STATESYNC_LOAD_INTERVAL_MS": "statesync_load_interval_ms",
     "AIBRIX_PREFILL_REQUEST_TIMEOUT": "prefill_timeout",
     "AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS": "pod_metrics_interval_ms",
     "AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE": "prefix_cache_tokenizer_type",

@@ -208,6 +208,38 @@ class PrefixIndex:
         out, self._additions, self._pending = self._additions, [], 0
         return out
 
+    @property
+    def track_additions(self) -> bool:
+        """Whether `add` records additions for `drain_additions`. Statesync turns it on for the index
+        the strategies already own; turning it off discards what was not drained."""
+        return self._track
+
+    @track_additions.setter
+    def track_additions(self, on: bool) -> None:
+        self._track = on
+        if not on:
+            self.drain_additions()
+
+    def entries(self, now: float | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Every live entry, per pod: (block hashes, wall-clock timestamps), in no particular order;
+        entries past the TTL at `now` are left out. O(table size): for statesync's periodic
+        snapshot, not the request path."""
+        occupied = self._pods != _EMPTY
+        if now is not None:
+            occupied &= self._ts >= now - self.ttl_seconds
+        slots = np.flatnonzero(occupied)
+        pods = self._pods[slots]
+        order = np.argsort(pods, kind="stable")  # a radix sort on uint16: one pass, not a mask per pod
+        slots, pods = slots[order], pods[order]
+        ids = np.fromiter(self._pod_ids.values(), dtype=np.uint16, count=len(self._pod_ids))
+        lo, hi = np.searchsorted(pods, ids, "left"), np.searchsorted(pods, ids, "right")
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for key, pid, a, b in zip(self._pod_ids, ids.tolist(), lo.tolist(), hi.tolist(), strict=True):
+            if b > a:
+                mine = slots[a:b]
+                out[key] = (self._keys[mine] ^ self._salts[pid], self._ts[mine])
+        return out
+
     def pod_entry_counts(self) -> dict[str, int]:
         """Entries per pod. O(table size): for metrics scrapes, not the request path."""
         counts = np.bincount(self._pods, minlength=_EMPTY + 1)
