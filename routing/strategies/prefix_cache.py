@@ -186,6 +186,7 @@ class PrefixCacheStrategy:
     def match_shares(self, request: RoutingRequest, pods: Sequence[Pod]) -> Mapping[str, float]:
         """Matched share (0..1) of the prompt per pod holding a usable prefix; no side effects."""
         prompt = self._hash(request, pods, self._clock())
+        self._scratch = (request, prompt)  # pd's `observe` of its prefill pick reuses the hashes
         n = len(prompt.hashes)
         return {k: m / n for k, m in self._usable(request.model, prompt, count=False).items()}
 
