@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench bench-quality clean redis-bin deploy-configs
+.PHONY: run test lint bench bench-quality bench-statesync clean redis-bin deploy-configs proto
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ redis-bin:
 deploy-configs: $(STAMP)
 	$(PY) deploy/render.py
 
+## proto: regenerate statesync/statesync_pb2.py (committed) from proto/statesync.proto; needs grpcio-tools (dev extra)
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=statesync proto/statesync.proto
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -38,6 +42,10 @@ bench: $(STAMP)
 ## bench-quality: routing quality on 4 model-timed simulated pods, ours vs sglang-router / vllm-router (~2 min)
 bench-quality: $(STAMP)
 	$(PY) bench/quality.py --workload both
+
+## bench-statesync: 3 router replicas with and without Redis state sync vs one replica (~3 min)
+bench-statesync: $(STAMP) redis-bin
+	$(PY) bench/statesync.py
 
 clean:
 	rm -rf $(VENV) .run bench/results .pytest_cache

@@ -425,7 +425,9 @@ def _extproc_cluster(endpoints: list[tuple[str, int]]) -> dict[str, Any]:
     # A draining router answers NOT_SERVING before it refuses streams (--drain-delay): with several
     # replicas Envoy stops sending it new requests within a second instead of failing them.
     cluster["health_checks"] = [{
-        "timeout": "1s", "interval": "1s", "unhealthy_threshold": 1, "healthy_threshold": 1,
+        # no_traffic_interval: without it Envoy checks an idle cluster only every 60 s.
+        "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s", "unhealthy_threshold": 1,
+        "healthy_threshold": 1,
         "grpc_health_check": {"service_name": "extproc-router"},
     }]
     return cluster

@@ -11,6 +11,7 @@ import sys
 import time
 
 from extproc_router import __version__
+from extproc_router.argtypes import positive_int
 
 CURL_LINES = """\
   # no routing-strategy header: random
@@ -104,7 +105,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     opts = StackOptions(listen_host=host or "127.0.0.1", listen_port=int(port), admin_port=args.admin_port,
                         grpc_port=args.grpc_port, http_port=args.http_port, pods=args.pods,
                         first_pod_port=args.first_pod_port, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms,
-                        run_dir=args.run_dir, values_file=args.values, pd=args.pd)
+                        run_dir=args.run_dir, values_file=args.values, pd=args.pd, replicas=args.replicas,
+                        redis=args.redis, redis_port=args.redis_port)
     if args.routing_algorithm:
         opts.router_env["ROUTING_ALGORITHM"] = args.routing_algorithm
     stack = LocalStack(opts)
@@ -116,15 +118,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    log.info("starting %d simulated pods of %s, the router and Envoy (logs in %s/)", args.pods, opts.model,
-             opts.run_dir)
+    log.info("starting %d simulated pods of %s, %s%s and Envoy (logs in %s/)", args.pods, opts.model,
+             "the router" if args.replicas == 1 else f"{args.replicas} router replicas",
+             ", Redis (statesync on)" if args.redis else "", opts.run_dir)
     try:
         stack.start()
     except Exception as exc:
         log.error("start-up failed: %s (see the logs in %s/)", exc, opts.run_dir)
         return 1
-    print(f"\nextproc-router is up: Envoy on {stack.url}, router metrics on {stack.router_http}/metrics, "
-          f"Envoy admin on {stack.admin_url}\n", flush=True)
+    metrics = ", ".join(f"{r.http_url}/metrics" for r in stack.routers)
+    print(f"\nextproc-router is up: Envoy on {stack.url}, router metrics on {metrics}, "
+          f"Envoy admin on {stack.admin_url}" + (f", Redis on 127.0.0.1:{stack.redis_port}" if stack.redis_port else "")
+          + "\n", flush=True)
     print("Try:\n" + CURL_LINES.format(url=stack.url, model=opts.model, metrics=stack.router_http), flush=True)
     if opts.pd:
         print(PD_CURL.format(url=stack.url, model=opts.pd_model), flush=True)
@@ -196,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=".run", help="where configs and logs go")
     p.add_argument("--pd", action="store_true",
                    help="also start a prefill and a decode pod of demo-pd-model (routing-strategy: pd)")
+    p.add_argument("--replicas", type=positive_int, default=1, metavar="N",
+                   help="router processes behind Envoy (one ext_proc endpoint each); replica i listens on "
+                        "--grpc-port + i and --http-port + i")
+    p.add_argument("--redis", action="store_true",
+                   help="start a local redis-server and share routing state between the replicas through it "
+                        "(REDIS_HOST, AIBRIX_STATESYNC_ENABLED=true), as the seed's multi-replica setup")
+    p.add_argument("--redis-port", type=int, default=6379, help="port of the local redis-server (with --redis)")
     p.set_defaults(func=cmd_up)
 
     from envoyconfig.cli import register as register_envoy_config

@@ -34,10 +34,11 @@ class RouterConfig:
     # Cross-replica routing state through Redis (statesync/): prefix-index deltas and in-flight load.
     # Off unless AIBRIX_STATESYNC_ENABLED=true (the seed's switch), and only with redis_host.
     statesync_enabled: bool = False
-    statesync_flush_ms: float = 5.0  # publish prefix-index deltas this often (one stream entry per flush)
+    statesync_flush_ms: float = 5.0  # new deltas are published this long after the first of them (one entry)
     statesync_snapshot_interval: float = 10.0  # seconds between this replica's compacted snapshots
     statesync_stream_maxlen: int = 10_000  # stream entries Redis keeps (XADD MAXLEN ~): bounds its memory
     statesync_load_interval_ms: int = 100  # share in-flight counts this often (the reference's period)
+    statesync_namespace: str = "extproc:sync"  # key prefix: fleets sharing one Redis need different ones
     # Prefix-cache routing (the reference's AIBRIX_PREFIX_CACHE_*); values are checked by the strategy,
     # whose error names the variable. Defaults and their rationale: routing/strategies/prefix_cache.py.
     prefill_timeout: float = 30.0  # pd: the router's prefill call (AIBRIX_PREFILL_REQUEST_TIMEOUT, seconds)
@@ -73,6 +74,7 @@ ENV_VARS: dict[str, str] = {
     "EXTPROC_ROUTER_STATESYNC_SNAPSHOT_INTERVAL": "statesync_snapshot_interval",
     "EXTPROC_ROUTER_STATESYNC_STREAM_MAXLEN": "statesync_stream_maxlen",
     "EXTPROC_ROUTER_STATESYNC_LOAD_INTERVAL_MS": "statesync_load_interval_ms",
+    "EXTPROC_ROUTER_STATESYNC_NAMESPACE": "statesync_namespace",
     "AIBRIX_PREFILL_REQUEST_TIMEOUT": "prefill_timeout",
     "AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS": "pod_metrics_interval_ms",
     "AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE": "prefix_cache_tokenizer_type",

@@ -29,8 +29,9 @@ from routing.block_hash import DEFAULT_HASH_SEED
 from routing.pods import PodSnapshot
 from routing.router import Router, RoutingSettings
 from routing.strategies.pd import ROLE_DECODE, ROLE_PREFILL, PDStrategy, PodLoad
-from routing.strategies.prefix_cache import PrefixCacheSettings
+from routing.strategies.prefix_cache import PrefixCacheSettings, PrefixCacheStrategy
 from routing.tokenizers import count_tokens
+from statesync import StateSync, StateSyncSettings
 
 log = logging.getLogger("extproc_router")
 
@@ -73,6 +74,12 @@ class RouterProcess:
             raise ConfigError(str(exc)) from None
         self.registry.register(RouterStateCollector(lambda: self.router))
         self.registry.register(PrefixCacheCollector(lambda: self.router))
+        # Cross-replica state: exists before discovery, which publishes the first pod snapshot.
+        self.statesync: StateSync | None = None
+        if cfg.statesync_enabled and cfg.redis_host:
+            prefix = self.router.strategies.get(PrefixCacheStrategy.name)
+            self.statesync = StateSync(statesync_settings(cfg), registry=self.registry, load=self.router.load,
+                                       index=prefix.index if isinstance(prefix, PrefixCacheStrategy) else None)
         # pd ranks decode pods by what their engines report: scrape prefill/decode pods' /metrics.
         self.pod_metrics = PodMetricsScraper(self._publish_pod_metrics, interval=cfg.pod_metrics_interval_ms / 1000)
         self.discovery: PodSource
@@ -113,6 +120,8 @@ class RouterProcess:
 
     def _publish_snapshot(self, snapshot: PodSnapshot) -> None:
         self.router.update_snapshot(snapshot)
+        if self.statesync is not None:
+            self.statesync.on_pods(snapshot)
         self.pod_metrics.set_pods(p for m in snapshot.models.values() for p in m.ready
                                   if p.role in (ROLE_PREFILL, ROLE_DECODE))
 
@@ -137,7 +146,16 @@ class RouterProcess:
         elif self.service.settings.users:
             log.warning("no REDIS_HOST: per-user limits are counted in this process only; with N replicas "
                         "a user gets N times the configured budget")
+        if self.cfg.statesync_enabled and not self.cfg.redis_host:
+            log.warning("AIBRIX_STATESYNC_ENABLED=true but REDIS_HOST is not set: prefix-cache state and in-flight "
+                        "counts stay in this process; with several replicas their routing will disagree")
+        elif self.cfg.redis_host and not self.cfg.statesync_enabled:
+            log.info("AIBRIX_STATESYNC_ENABLED is not true: Redis serves rate limits only; prefix-cache state and "
+                     "in-flight counts are not shared between replicas")
         await self.discovery.start()
+        if self.statesync is not None:
+            # Catch up (snapshots + stream tail, bounded wait) before the first request is routed.
+            await self.statesync.start()
         await self.pod_metrics.start()
         host, port = split_hostport(self.cfg.grpc_listen, "grpc_listen")
         self.grpc_port = await self.grpc.start(host, port)
@@ -163,6 +181,8 @@ class RouterProcess:
             log.info("readiness is false; refusing new streams in %.1fs", self.drain_delay)
             await asyncio.sleep(self.drain_delay)
         await self.grpc.stop(self.cfg.shutdown_grace)
+        if self.statesync is not None:
+            await self.statesync.stop()  # after the last stream: its decisions are published too
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         await self.discovery.stop()
@@ -170,6 +190,16 @@ class RouterProcess:
         await self.service.prefill.close()
         if self.redis is not None:
             await self.redis.close()
+
+
+def statesync_settings(cfg: RouterConfig) -> StateSyncSettings:
+    """Statesync's settings from the configuration object (requires `cfg.redis_host`)."""
+    assert cfg.redis_host
+    return StateSyncSettings(
+        redis_host=cfg.redis_host, redis_port=cfg.redis_port, redis_password=cfg.redis_password,
+        redis_tls=cfg.redis_tls, flush_interval=cfg.statesync_flush_ms / 1000,
+        snapshot_interval=cfg.statesync_snapshot_interval, stream_maxlen=cfg.statesync_stream_maxlen,
+        load_interval=cfg.statesync_load_interval_ms / 1000, namespace=cfg.statesync_namespace)
 
 
 def prefix_cache_settings(cfg: RouterConfig) -> PrefixCacheSettings:

@@ -1,12 +1,16 @@
 """`extproc-router up`: the local stack (Envoy + router + simulated model pods) as real processes.
 
-Tests start the same stack on free ports, so what a user runs is what is tested.
+With `replicas` > 1 several router processes sit behind the one Envoy (one ext_proc cluster
+endpoint each); with `redis` a local redis-server is started and the routers share routing state
+through it (`REDIS_HOST`, `AIBRIX_STATESYNC_ENABLED=true`): the seed's multi-replica setup on one
+machine. Tests start the same stack on free ports, so what a user runs is what is tested.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,6 +100,10 @@ class StackOptions:
     pd: bool = False  # add a prefill and a decode pod of demo-pd-model
     pd_model: str = "demo-pd-model"
     file_extra: dict = field(default_factory=dict)  # other top-level keys of the gateway file (users, auth)
+    replicas: int = 1  # router processes behind Envoy; router i > 0 listens on grpc_port + i, http_port + i
+    redis: bool = False  # start a local redis-server and turn statesync on for the routers
+    redis_port: int = 6379
+    free_ports: bool = False  # routers beyond the first (and Redis) get free ports too
 
     @classmethod
     def on_free_ports(cls, **kw: object) -> StackOptions:
@@ -103,7 +111,21 @@ class StackOptions:
         opts.listen_port, opts.admin_port = free_port(), free_port()
         opts.grpc_port, opts.http_port = free_port(), free_port()
         opts.first_pod_port = 0
+        opts.free_ports = True
         return opts
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """One router process of the stack."""
+
+    name: str  # process (and log file) name: "router", then "router-1", "router-2", ...
+    grpc_port: int
+    http_port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
 
 class LocalStack:
@@ -123,6 +145,11 @@ class LocalStack:
                 self.pods.append(PodSpec(name=f"{opts.pd_model}-{role}-0", model=opts.pd_model, port=port,
                                          extra_args=["--role", role, "--bootstrap-port", "0"],
                                          labels={"role-name": role, "roleset-name": "roleset-0"}))
+        self.routers: list[RouterSpec] = [RouterSpec("router", opts.grpc_port, opts.http_port)]
+        for i in range(1, opts.replicas):
+            ports = (free_port(), free_port()) if opts.free_ports else (opts.grpc_port + i, opts.http_port + i)
+            self.routers.append(RouterSpec(f"router-{i}", *ports))
+        self.redis_port = (free_port() if opts.free_ports else opts.redis_port) if opts.redis else None
         self.pod_file = self.run_dir / "gateway.yaml"
         self.envoy_file = self.run_dir / "envoy.yaml"
 
@@ -133,7 +160,8 @@ class LocalStack:
 
     @property
     def router_http(self) -> str:
-        return f"http://127.0.0.1:{self.opts.http_port}"
+        """The first router's HTTP port (metrics, probes); `routers` lists every replica."""
+        return self.routers[0].http_url
 
     @property
     def admin_url(self) -> str:
@@ -172,14 +200,48 @@ class LocalStack:
         tmp.write_text(yaml.safe_dump({**self.opts.file_extra, "models": models}, sort_keys=False))
         tmp.replace(self.pod_file)  # atomic: the router never reads a half-written file
 
-    def start_router(self) -> None:
+    def router_env(self) -> dict[str, str]:
+        """The routers' environment on top of ours: the stack's Redis (with statesync on), then
+        `router_env`, which wins (a test can turn statesync off with Redis still set)."""
+        env: dict[str, str] = {}
+        if self.redis_port is not None:
+            env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(self.redis_port), AIBRIX_STATESYNC_ENABLED="true")
+        return {**env, **self.opts.router_env}
+
+    def start_router(self, replica: int = 0) -> None:
+        """Start router `replica` (0 = the first) and wait until it is ready."""
         o = self.opts
+        spec = self.routers[replica]
         argv = [sys.executable, "-m", "extproc_router", "serve", "--config", str(self.pod_file),
-                "--grpc-listen", f"127.0.0.1:{o.grpc_port}", "--http-listen", f"127.0.0.1:{o.http_port}",
+                "--grpc-listen", f"127.0.0.1:{spec.grpc_port}", "--http-listen", f"127.0.0.1:{spec.http_port}",
                 "--health-interval", str(o.health_interval), "--max-body-bytes", str(self.max_body_bytes()),
                 *o.router_args]
-        proc = self._spawn("router", argv, o.router_env)
-        wait_http(f"{self.router_http}/ready", 20, proc, "router")
+        proc = self._spawn(spec.name, argv, self.router_env())
+        wait_http(f"{spec.http_url}/ready", 20, proc, spec.name)
+
+    def start_redis(self) -> None:
+        """Start (or restart, on the same port) the stack's redis-server: in memory only."""
+        assert self.redis_port is not None, "the stack was configured without redis"
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found: install it (`make test` does, or scripts/install-redis.sh)")
+        argv = [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.run_dir.resolve())]
+        proc = self._spawn("redis", argv)
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with code {proc.returncode} (port {self.redis_port} taken?)")
+            try:
+                with socket.create_connection(("127.0.0.1", self.redis_port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.redis_port} not answering after 10s")
+            time.sleep(0.05)
 
     def max_body_bytes(self) -> int:
         return self._values().max_body_bytes
@@ -193,8 +255,9 @@ class LocalStack:
         from envoyconfig.render import render_bootstrap
         o = self.opts
         cfg = render_bootstrap(self._values(), listen_host=o.listen_host, listen_port=o.listen_port,
-                               admin_port=o.admin_port, extproc_endpoints=[("127.0.0.1", o.grpc_port)],
-                               router_http=("127.0.0.1", o.http_port))
+                               admin_port=o.admin_port,
+                               extproc_endpoints=[("127.0.0.1", r.grpc_port) for r in self.routers],
+                               router_http=("127.0.0.1", self.routers[0].http_port))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.envoy_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
         argv = [envoy_binary(), "-c", str(self.envoy_file), "--disable-hot-restart", "-l", "warning",
@@ -207,7 +270,10 @@ class LocalStack:
             for pod in self.pods:
                 self.start_pod(pod)
             self.write_pod_file()
-            self.start_router()
+            if self.redis_port is not None:
+                self.start_redis()
+            for i in range(len(self.routers)):
+                self.start_router(i)
             self.start_envoy()
         except BaseException:
             self.stop()
@@ -221,8 +287,9 @@ class LocalStack:
                 proc.wait(5)
 
     def stop(self) -> None:
-        # Envoy first (no new requests), then the router, then the pods.
-        order = ["envoy", "router", *[n for n in self.procs if n not in ("envoy", "router")]]
+        # Envoy first (no new requests), then the routers, then the pods; Redis last (routers flush to it).
+        routers = [r.name for r in self.routers]
+        order = ["envoy", *routers, *[n for n in self.procs if n not in ("envoy", "redis", *routers)], "redis"]
         for name in order:
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is None:

@@ -26,7 +26,7 @@ hashes H as of time T" without recording it again.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +117,9 @@ class PrefixIndex:
         self._track = track_additions
         self._additions: list[Addition] = []
         self._pending = 0
+        # Called when an addition is recorded while none were waiting: statesync's publisher sleeps
+        # until then instead of polling every few milliseconds (2.5% of a core when idle).
+        self.on_additions: Callable[[], None] | None = None
 
     # -- public API --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -468,6 +471,8 @@ class PrefixIndex:
         return removed
 
     def _record_addition(self, addition: Addition) -> None:
+        if not self._additions and self.on_additions is not None:
+            self.on_additions()
         self._additions.append(addition)
         self._pending += len(addition.hashes)
         # Bounded like the index itself: if nobody drains, the oldest additions go.
