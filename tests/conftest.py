@@ -6,9 +6,12 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from extproc_router.stack import LocalStack, StackOptions, free_port
@@ -58,3 +61,29 @@ def redis_server(tmp_path: Path) -> Iterator[tuple[str, int, subprocess.Popen]]:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for tests that talk to in-process servers."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@asynccontextmanager
+async def running_sims(defaults: dict[str, Any]) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """A starter of in-process simulated pods (`defaults` plus per-call overrides); all stopped on exit."""
+    from simulator.server import SimConfig, SimServer, start_sim
+
+    servers: list[SimServer] = []
+
+    async def _start(**overrides: Any) -> SimServer:
+        server = await start_sim(SimConfig(**{**defaults, **overrides}))
+        servers.append(server)
+        return server
+
+    try:
+        yield _start
+    finally:
+        for server in servers:
+            await server.stop()

@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.engine import Engine, EngineConfig, Sequence
 from simulator.openai_format import FILLER_WORDS, generated_text
-from simulator.server import SimConfig, SimServer, start_sim
+from simulator.server import SimServer
+from tests.conftest import running_sims
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """Working directory of subprocesses, so that `python -m simulator` finds the package."""
@@ -34,22 +35,9 @@ COMPLETIONS = "/v1/completions"
 @pytest.fixture
 async def start() -> AsyncIterator[StartSim]:
     """Start in-process sims on free ports; all are stopped after the test."""
-    servers: list[SimServer] = []
+    async with running_sims({}) as starter:
+        yield starter
 
-    async def _start(**overrides: Any) -> SimServer:
-        server = await start_sim(SimConfig(**overrides))
-        servers.append(server)
-        return server
-
-    yield _start
-    for server in servers:
-        await server.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def chat_body(content: Any = "hello", **extra: Any) -> dict[str, Any]:

@@ -24,8 +24,9 @@ from simulator.batching import BatchingEngine, KVSequence
 from simulator.cli import _HelpFormatter, add_arguments, config_from_args
 from simulator.engine import EngineConfig
 from simulator.kv_cache import KVCache
-from simulator.server import SimConfig, SimServer, start_sim
+from simulator.server import SimServer
 from simulator.tokenizer import block_hashes, render_prompt, tokenize
+from tests.conftest import running_sims
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -47,22 +48,9 @@ StartSim = Callable[..., Awaitable[SimServer]]
 @pytest.fixture
 async def start() -> AsyncIterator[StartSim]:
     """Start in-process model-timing sims (FAST_MODEL plus overrides); all are stopped after the test."""
-    servers: list[SimServer] = []
+    async with running_sims(FAST_MODEL) as starter:
+        yield starter
 
-    async def _start(**overrides: Any) -> SimServer:
-        server = await start_sim(SimConfig(**{**FAST_MODEL, **overrides}))
-        servers.append(server)
-        return server
-
-    yield _start
-    for server in servers:
-        await server.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def words(n: int, seed: int) -> str:

@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ext_proc.prefill import PrefillClient, vllm_prefill_body
 from routing.pods import Pod
 from simulator.cli import add_arguments, config_from_args
-from simulator.server import SimConfig, SimServer, start_sim
+from simulator.server import SimServer
+from tests.conftest import running_sims
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -45,22 +46,9 @@ StartSim = Callable[..., Awaitable[SimServer]]
 @pytest.fixture
 async def start() -> AsyncIterator[StartSim]:
     """Start in-process sims (FAST_MODEL plus overrides); all are stopped after the test."""
-    servers: list[SimServer] = []
+    async with running_sims(FAST_MODEL) as starter:
+        yield starter
 
-    async def _start(**overrides: Any) -> SimServer:
-        server = await start_sim(SimConfig(**{**FAST_MODEL, **overrides}))
-        servers.append(server)
-        return server
-
-    yield _start
-    for server in servers:
-        await server.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def prompt(n: int, seed: int = 0) -> str:
