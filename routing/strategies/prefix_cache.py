@@ -57,6 +57,7 @@ SEL_SKIPPED = "prefix_match_skipped"  # some pod did, but the load guard chose o
 SEL_LEAST_REQUEST = "least_request_fallback"  # no usable match (stddev guard): least in-flight
 SEL_LEAST_COST = "least_cost_fallback"  # no usable match (cost guard): cheapest pod
 SEL_WEIGHTED = "weighted"  # part of a weighted combination (`least-request:2,prefix-cache:1`)
+SEL_PD_PREFILL = "pd_prefill"  # `pd` chose this prefill pod (by match and prefill load)
 
 _BUCKETS = ((0, "0"), (25, "1-25"), (50, "26-50"), (75, "51-75"), (100, "76-100"))
 
@@ -174,14 +175,14 @@ class PrefixCacheStrategy:
         n = len(prompt.hashes)
         return [valid.get(p.key, 0) / n if n else 0.0 for p in pods]
 
-    def observe(self, request: RoutingRequest, pod: Pod) -> None:
+    def observe(self, request: RoutingRequest, pod: Pod, selection: str = SEL_WEIGHTED) -> None:
         """`request` was routed to `pod` by something else (a weighted combination, `pd`'s prefill
         pick): the index learns it, the request gets its uncached-token estimate and header."""
         now = self._clock()
         scratch = self._scratch
         self._scratch = None
         prompt = scratch[1] if scratch is not None and scratch[0] is request else self._hash(request, (pod,), now)
-        self._record(request, prompt, pod, SEL_WEIGHTED, now)
+        self._record(request, prompt, pod, selection, now)
 
     def match_shares(self, request: RoutingRequest, pods: Sequence[Pod]) -> Mapping[str, float]:
         """Matched share (0..1) of the prompt per pod holding a usable prefix; no side effects."""
