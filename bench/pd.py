@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))
 
-from quality import Peers, ensure_peer_venv, wait_routable  # noqa: E402
+from quality import Peers, _sigterm_as_interrupt, ensure_peer_venv, wait_routable  # noqa: E402
 
 from extproc_router.stack import LocalStack, PodSpec, StackOptions, free_port  # noqa: E402
 
@@ -532,10 +532,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- main
-
-
-def _sigterm_as_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
