@@ -77,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=20.0,
                    help="shared-prefix Poisson arrivals per second (about 80%% of what 4 pods serve without "
                         "cache hits, so misses queue)")
+    p.add_argument("--users", type=int, default=10, help="multi-turn: conversations at once")
+    p.add_argument("--rounds", type=int, default=10, help="multi-turn: turns per conversation")
+    p.add_argument("--history-tokens", type=int, default=2000,
+                   help="multi-turn: user-specific context opening each conversation (0: the old, "
+                        "system-prompt-only workload)")
+    p.add_argument("--turn-rate", type=float, default=3.0,
+                   help="multi-turn: Poisson turns per second over all users (0: closed loop of --users)")
     p.add_argument("--kv-capacity-tokens", type=int, default=16384,
                    help="per pod; the default shared-prefix prefixes (30 x ~1.5k tokens) need ~70%% of the "
                         "cluster's KV and ~2.8x one pod's")
@@ -93,12 +100,21 @@ def workload_plans(args: argparse.Namespace) -> list[WorkloadPlan]:
         plans.append(WorkloadPlan("shared-prefix", n, ["--workload", "shared-prefix", "--rate", str(args.rate)],
                                   rate=args.rate))
     if args.workload in ("multi-turn", "both"):
-        # A closed loop of one slot per user: each user sends its next turn when the last one ends.
-        users = 10
-        n = args.requests or users * 5
-        plans.append(WorkloadPlan("multi-turn", n, ["--workload", "multi-turn", "--users", str(users),
-                                                     "--rounds", str(math.ceil(n / users)),
-                                                     "--concurrency", str(users)], concurrency=users))
+        # The shape of production-stack's multi-round-qa (benchmarks/multi-round-qa, README example:
+        # 10 users, 1000-token shared system prompt, 2000-token user history, 100-token answers,
+        # short questions, turns paced by an overall QPS), with 10 rounds as its run.sh: the first
+        # turn of each conversation is cold for every router, the later ones show the routing.
+        users = args.users
+        n = args.requests or users * args.rounds
+        flags = ["--workload", "multi-turn", "--users", str(users), "--rounds", str(math.ceil(n / users)),
+                 "--prefix-tokens", "1000", "--history-tokens", str(args.history_tokens),
+                 "--question-tokens", "50", "--output-tokens", "100"]
+        if args.turn_rate > 0:
+            # Each user still has one turn open at most: a turn is sent at the next arrival after
+            # its user's previous turn ended.
+            plans.append(WorkloadPlan("multi-turn", n, [*flags, "--rate", str(args.turn_rate)], rate=args.turn_rate))
+        else:
+            plans.append(WorkloadPlan("multi-turn", n, [*flags, "--concurrency", str(users)], concurrency=users))
     return plans
 
 

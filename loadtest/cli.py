@@ -91,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wl.add_argument("--output-tokens", type=positive_int, default=100, help="max_tokens of every request")
     wl.add_argument("--users", type=positive_int, default=10, help="multi-turn: conversations")
     wl.add_argument("--rounds", type=positive_int, default=5, help="multi-turn: turns per conversation")
+    wl.add_argument("--history-tokens", type=non_negative_int, default=0,
+                    help="multi-turn: user-specific context opening each conversation (production-stack's "
+                         "--user-history-prompt)")
 
     load = parser.add_argument_group("arrival and bounds")
     mode = load.add_mutually_exclusive_group()
@@ -133,7 +136,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         name=args.workload, path=args.path, seed=args.seed, groups=args.groups,
         prompts_per_group=args.prompts_per_group, prefix_tokens=args.prefix_tokens,
         question_tokens=args.question_tokens, output_tokens=args.output_tokens, users=args.users,
-        rounds=args.rounds, requests=args.requests,
+        rounds=args.rounds, history_tokens=args.history_tokens, requests=args.requests,
     )  # fmt: skip
     headers: dict[str, str] = {}
     for item in args.header:

@@ -29,6 +29,12 @@ def _ratio(num: float, den: float) -> float | None:
     return round(num / den, 4) if den else None
 
 
+def _turn(label: str) -> int | None:
+    """The round of a multi-turn label ``u3/r2`` (2); None for any other label."""
+    user, sep, rnd = label.partition("/r")
+    return int(rnd) if sep and user.startswith("u") and rnd.isdigit() else None
+
+
 def summarize(result: ArmResult) -> dict[str, Any]:
     """The per-arm summary of report.json: latency percentiles, throughput, errors, hit rates, pods."""
     recs = result.records
@@ -67,6 +73,18 @@ def summarize(result: ArmResult) -> dict[str, Any]:
         pod["hit_rate"] = _ratio(pod["cached_tokens"], pod["prompt_tokens"]) if reported else None
     error_kinds = Counter(f"{r.status or 'no response'}: {r.error}" for r in failed)
 
+    # Multi-turn (labels "u<user>/r<round>"): a conversation's first turn is cold for every router
+    # (nobody has seen that user's history), its later turns are where routing shows.
+    turns = None
+    rounds = [(_turn(r.label), r.ttft_ms) for r in ok if r.ttft_ms is not None]
+    if rounds and all(t is not None for t, _ in rounds):
+        first = [v for t, v in rounds if t == 0]
+        later = [v for t, v in rounds if t]
+        turns = {
+            "first": {"n": len(first), "p50": _pct(first, 50), "p90": _pct(first, 90)},
+            "later": {"n": len(later), "p50": _pct(later, 50), "p90": _pct(later, 90)},
+        }
+
     return {
         "name": result.arm.name,
         "target": result.arm.target,
@@ -82,6 +100,7 @@ def summarize(result: ArmResult) -> dict[str, Any]:
         "error_kinds": dict(error_kinds.most_common(10)),
         "duration_s": round(duration, 3),
         "ttft_ms": {"p50": _pct(ttft, 50), "p90": _pct(ttft, 90), "p99": _pct(ttft, 99), "mean": _mean(ttft)},
+        "ttft_by_turn_ms": turns,
         "itl_ms": {"p50": _pct(itl, 50), "p95": _pct(itl, 95)},
         "e2e_ms": {"p50": _pct(e2e, 50), "p90": _pct(e2e, 90)},
         "throughput": {
@@ -155,13 +174,32 @@ TABLE_COLUMNS = (
 )  # fmt: skip
 
 
+TURN_COLUMNS = ("TTFT p90 1st turn", "TTFT p90 later turns")
+
+
+def _by_turn(summaries: list[dict[str, Any]]) -> bool:
+    return any(s.get("ttft_by_turn_ms") for s in summaries if not s["skipped"])
+
+
+def table_columns(summaries: list[dict[str, Any]]) -> tuple[str, ...]:
+    """TABLE_COLUMNS, with the per-turn TTFT columns after TTFT p99 for a multi-turn run."""
+    if not _by_turn(summaries):
+        return TABLE_COLUMNS
+    at = TABLE_COLUMNS.index("TTFT p99") + 1
+    return TABLE_COLUMNS[:at] + TURN_COLUMNS + TABLE_COLUMNS[at:]
+
+
 def table_rows(summaries: list[dict[str, Any]]) -> list[list[str]]:
-    """One row of TABLE_COLUMNS per arm; a skipped arm says why."""
+    """One row of `table_columns` per arm; a skipped arm says why."""
+    columns = table_columns(summaries)
+    turn_cells = len(columns) > len(TABLE_COLUMNS)
     rows = []
     for s in summaries:
         if s["skipped"]:
-            rows.append([s["name"], "-", "-", f"skipped: {s['skipped']}", *["" for _ in TABLE_COLUMNS[4:]]])
+            rows.append([s["name"], "-", "-", f"skipped: {s['skipped']}", *["" for _ in columns[4:]]])
             continue
+        turns = s.get("ttft_by_turn_ms") or {}
+        extra = [fmt_ms((turns.get(k) or {}).get("p90")) for k in ("first", "later")] if turn_cells else []
         rows.append(
             [
                 s["name"],
@@ -170,6 +208,7 @@ def table_rows(summaries: list[dict[str, Any]]) -> list[list[str]]:
                 fmt_ms(s["ttft_ms"]["p50"]),
                 fmt_ms(s["ttft_ms"]["p90"]),
                 fmt_ms(s["ttft_ms"]["p99"]),
+                *extra,
                 fmt_ms(s["itl_ms"]["p50"]),
                 fmt_ms(s["itl_ms"]["p95"]),
                 fmt_ms(s["e2e_ms"]["p50"]),
@@ -200,7 +239,7 @@ def rich_table(report: dict[str, Any]) -> Any:
     for s in summaries:
         table.add_column(s["name"], justify="right")
     rows = table_rows(summaries)
-    for i, label in enumerate(TABLE_COLUMNS[1:], start=1):
+    for i, label in enumerate(table_columns(summaries)[1:], start=1):
         # A skipped arm's row holds its reason; the notes under the table say it in full.
         pairs = zip(rows, summaries, strict=True)
         cells = [("skipped" if i == 1 else "") if s["skipped"] else row[i] for row, s in pairs]
@@ -219,8 +258,8 @@ def markdown_summary(report: dict[str, Any]) -> str:
         f"{settings['requests']} requests ({settings['path']} API, model `{settings['model']}`), "
         f"{settings['arrival']}, seed {wl['seed']}; created {report['created']}.",
         "",
-        "| " + " | ".join(TABLE_COLUMNS) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(TABLE_COLUMNS))) + "|",
+        "| " + " | ".join(table_columns(summaries)) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(table_columns(summaries)))) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(summaries)]
     ran = [s for s in summaries if not s["skipped"]]

@@ -12,7 +12,9 @@ Three workloads:
   prompts arrive spread over the run (as in the peers' "b2b-saas" benchmark).
 * ``multi-turn``: ``users`` conversations of ``rounds`` turns behind one shared system prompt;
   each turn resends the whole history including the real answers the endpoint returned, so a
-  user's next round can only start once its previous one has finished.
+  user's next round can only start once its previous one has finished. ``history_tokens`` of
+  user-specific context open each conversation (production-stack's multi-round-qa
+  ``--user-history-prompt``: the earlier chat or documents only that user's turns share).
 * ``random``: every prompt is fresh text of ``prefix_tokens + question_tokens``; no reuse beyond
   what a chat template shares.
 """
@@ -66,6 +68,8 @@ class WorkloadSpec:
     output_tokens: int = 100
     users: int = 10
     rounds: int = 5
+    history_tokens: int = 0
+    """multi-turn: user-specific context before the first question (0: none)."""
     requests: int | None = None
     """Requests to plan; None = the workload's natural size (random: 100)."""
 
@@ -180,6 +184,11 @@ class MultiTurnWorkload(Workload):
         rng = random.Random(f"multi-turn:{spec.seed}")
         self.system = word_text(rng, spec.prefix_tokens)
         self.questions = [[word_text(rng, spec.question_tokens) for _ in range(spec.rounds)] for _ in range(spec.users)]
+        if spec.history_tokens:
+            # Its own generator, so the same seed without history gives the same requests as before.
+            ctx = random.Random(f"multi-turn-history:{spec.seed}")
+            for qs in self.questions:
+                qs[0] = word_text(ctx, spec.history_tokens) + "\n\n" + qs[0]
         self.history: list[list[tuple[str, str]]] = [[] for _ in range(spec.users)]
         self.round = [0] * spec.users
         users = list(range(spec.users))

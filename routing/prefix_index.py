@@ -198,6 +198,17 @@ class PrefixIndex:
         self._cand_cache.clear()
         return n
 
+    def clear(self) -> int:
+        """Drop every entry (pods keep their ids); returns how many were live."""
+        n = self._live
+        self._keys[:] = 0
+        self._pods[:] = _EMPTY
+        self._rec[:] = -1
+        self._head = self._tail = 0
+        self._live = 0
+        self._additions, self._pending = [], 0
+        return n
+
     def retain_pods(self, keep: set[str]) -> int:
         """Remove every pod not in `keep`; returns the number of entries removed."""
         return sum(self.remove_pod(k) for k in [k for k in self._pod_ids if k not in keep])

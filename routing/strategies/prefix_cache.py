@@ -143,6 +143,10 @@ class PrefixCacheStrategy:
         self._block_tokens = self.block_size / self.tokenizer.units_per_token
         self._max_units = s.max_prefix_blocks * self.block_size
         self._scratch: tuple[RoutingRequest, _Prompt] | None = None
+        # Pod key -> KV-cache capacity in tokens, as the engine reports it (serve's capacity scraper
+        # sets it from vLLM's cache_config_info / SGLang's max_total_num_tokens); a pod missing
+        # here falls back to `pod_kv_tokens`, and without either its cache pressure is not scored.
+        self.kv_capacity: dict[str, float] = {}
         self._pods_seen: Sequence[Pod] = ()
         self._pod_keys: tuple[str, ...] = ()
         # Plain ints on the request path; ext_proc/metrics.py reads them at scrape time.
@@ -190,6 +194,10 @@ class PrefixCacheStrategy:
         self._scratch = (request, prompt)  # pd's `observe` of its prefill pick reuses the hashes
         n = len(prompt.hashes)
         return {k: m / n for k, m in self._usable(request.model, prompt, count=False).items()}
+
+    def flush(self) -> int:
+        """Forget every prefix (the pods' caches were flushed); returns the entries dropped."""
+        return self.index.clear()
 
     def retain_pods(self, keep: set[str]) -> None:
         """The snapshot changed: forget the index entries of pods that are gone."""
