@@ -99,6 +99,8 @@ def make_router(tokenizer: str) -> Router:
     router.update_snapshot(PodSnapshot.build(pods, {p.key for p in pods}, {MODEL: None}))
     strategy = router.strategies["prefix-cache"]
     assert isinstance(strategy, PrefixCacheStrategy)
+    # Engine-reported KV capacity (an 8B model on an H100), so the KV-pressure term is on the path.
+    strategy.kv_capacity = {p.key: 450_000.0 for p in pods}
     rng = np.random.default_rng(0)
     now = time.time()
     per_add = 250

@@ -41,6 +41,7 @@ _SHIFT56 = np.uint64(56)
 _BYTE_SUM = np.uint64(0x0101010101010101)
 _SWEEP_INTERVAL = 1.0  # seconds between TTL sweeps piggybacked on `add` (the TTL is minutes)
 _SWEEP_BUDGET = 8192  # log records one piggybacked sweep looks at; a backlog is caught up over a few
+_LIVE_BUCKETS = 30  # time buckets per pod of the live-entry counts (`live_blocks`)
 
 
 def _salt(pod_id: int) -> np.uint64:
@@ -79,7 +80,7 @@ class PrefixIndex:
     """
 
     def __init__(self, capacity: int = 200_000, ttl_seconds: float = 1200.0, *,
-                 track_additions: bool = False) -> None:
+                 track_additions: bool = False, live_horizon: float = 300.0) -> None:
         if capacity < 1:
             raise ValueError("prefix index capacity must be at least 1")
         if ttl_seconds <= 0:
@@ -117,6 +118,15 @@ class PrefixIndex:
         self._track = track_additions
         self._additions: list[Addition] = []
         self._pending = 0
+        # Live-entry counts: per pod, entries by the time bucket of their last access, over a ring of
+        # `_LIVE_BUCKETS` buckets spanning `live_horizon` seconds. Kept exact as entries are
+        # inserted, refreshed and freed (a count moves with its entry), so `live_blocks` - how
+        # much of what each pod was sent lately it would still have to hold - costs O(pods), not a
+        # scan of the table. A bucket's epoch says which bucket-width interval its count is for.
+        self.live_horizon = live_horizon if live_horizon > 0 else 300.0
+        self._bw = self.live_horizon / _LIVE_BUCKETS
+        self._bk_count = np.zeros((16, _LIVE_BUCKETS), dtype=np.int64)
+        self._bk_epoch = np.full((16, _LIVE_BUCKETS), -1, dtype=np.int64)
         # Called when an addition is recorded while none were waiting: statesync's publisher sleeps
         # until then instead of polling every few milliseconds (2.5% of a core when idle).
         self.on_additions: Callable[[], None] | None = None
@@ -194,6 +204,8 @@ class PrefixIndex:
         self._live -= n
         self.stats.removed_pod += n
         del self._salts[pid]
+        self._bk_count[pid] = 0
+        self._bk_epoch[pid] = -1
         self._free_ids.append(pid)
         self._cand_cache.clear()
         return n
@@ -207,7 +219,18 @@ class PrefixIndex:
         self._head = self._tail = 0
         self._live = 0
         self._additions, self._pending = [], 0
+        self._bk_count[:] = 0
+        self._bk_epoch[:] = -1
         return n
+
+    def live_blocks(self, now: float) -> dict[str, int]:
+        """Per pod, entries last touched within `live_horizon` before `now` (to one bucket's width,
+        horizon / 30): the blocks a pod was sent lately and would still have to hold."""
+        if not self._live:
+            return {}
+        lo = math.floor((now - self.live_horizon) / self._bw) + 1
+        counts = np.where(self._bk_epoch >= lo, self._bk_count, 0).sum(axis=1)
+        return {k: int(counts[i]) for k, i in self._pod_ids.items()}
 
     def retain_pods(self, keep: set[str]) -> int:
         """Remove every pod not in `keep`; returns the number of entries removed."""
@@ -295,6 +318,12 @@ class PrefixIndex:
                 raise RuntimeError(f"prefix index: more than {_MAX_PODS} pods")
             self._pod_ids[pod_key] = pid
             self._salts[pid] = _salt(pid)
+            if pid >= len(self._bk_count):
+                grow = max(pid + 1, 2 * len(self._bk_count))
+                self._bk_count = np.concatenate([self._bk_count, np.zeros((grow - len(self._bk_count), _LIVE_BUCKETS),
+                                                                           dtype=np.int64)])
+                self._bk_epoch = np.concatenate([self._bk_epoch, np.full((grow - len(self._bk_epoch), _LIVE_BUCKETS),
+                                                                          -1, dtype=np.int64)])
             self._cand_cache.clear()
         return pid
 
@@ -334,6 +363,9 @@ class PrefixIndex:
         else:
             touched = np.ones(len(keys), dtype=bool)
         refreshed = slots[~new & touched]
+        if len(refreshed):
+            self._live_sub(self._pods.take(refreshed), self._ts.take(refreshed))
+            self._live_add(pid, ts, len(refreshed))
         self._ts[refreshed] = ts
         n_new = int(np.count_nonzero(new))
         if n_new:
@@ -388,6 +420,7 @@ class PrefixIndex:
             self._pods[placed] = pid
             self._ts[placed] = ts
             self._live += len(placed)
+            self._live_add(pid, ts, len(placed))
             out[todo[win]] = placed
             if win.all():
                 break
@@ -405,11 +438,37 @@ class PrefixIndex:
     def _free(self, slots: np.ndarray) -> int:
         """Clear the occupied slots among `slots`; returns how many were occupied."""
         slots = slots[self._pods[slots] != _EMPTY]
+        if len(slots):
+            self._live_sub(self._pods.take(slots), self._ts.take(slots))
         self._keys[slots] = 0
         self._pods[slots] = _EMPTY
         self._rec[slots] = -1
         self._live -= len(slots)
         return len(slots)
+
+    def _live_add(self, pid: int, ts: float, n: int) -> None:
+        epoch = math.floor(ts / self._bw)
+        b = epoch % _LIVE_BUCKETS
+        have = int(self._bk_epoch[pid, b])
+        if have == epoch:
+            self._bk_count[pid, b] += n
+        elif have < epoch:  # the bucket's last interval has left the ring: reuse it
+            self._bk_epoch[pid, b] = epoch
+            self._bk_count[pid, b] = n
+        # else: `ts` is older than the ring (a late remote merge): not live, not counted
+
+    def _live_sub(self, pids: np.ndarray, ts: np.ndarray) -> None:
+        """Entries of `pids` last touched at `ts` leave their buckets (refreshed or freed)."""
+        epochs = np.floor(ts / self._bw).astype(np.int64)
+        flat = pids.astype(np.int64) * _LIVE_BUCKETS + epochs % _LIVE_BUCKETS
+        counted = self._bk_epoch.ravel().take(flat) == epochs
+        if counted.all():
+            if len(flat) == 1 or (flat == flat[0]).all():  # the common case: one pod, one bucket
+                self._bk_count.ravel()[flat[0]] -= len(flat)
+                return
+        else:
+            flat = flat[counted]
+        np.subtract.at(self._bk_count.ravel(), flat, 1)
 
     def _append(self, slots: np.ndarray) -> None:
         # A slot freed within the same upsert (bucket overflow) must not get a record.

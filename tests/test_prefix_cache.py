@@ -212,6 +212,40 @@ def test_index_never_exceeds_its_bound(capacity: int, ops: list[tuple[str, int, 
         assert 0 <= len(idx) <= capacity
         live = idx._keys[idx._pods != 0xFFFF]
         assert len(idx) == len(live) == len(np.unique(live))
+        assert idx.live_blocks(now) == brute_live(idx, now)
+
+
+def brute_live(idx: PrefixIndex, now: float) -> dict[str, int]:
+    """`live_blocks` by a scan of the table: entries whose last-access bucket is within the horizon."""
+    if not len(idx):
+        return {}
+    bw = idx.live_horizon / 30
+    lo = np.floor((now - idx.live_horizon) / bw) + 1
+    out = {}
+    for key, pid in idx._pod_ids.items():
+        mine = idx._pods == pid
+        out[key] = int(np.count_nonzero(mine & (np.floor(idx._ts / bw) >= lo)))
+    return out
+
+
+def test_live_blocks_follow_inserts_refreshes_and_evictions() -> None:
+    idx = PrefixIndex(capacity=1000, ttl_seconds=600, live_horizon=300)
+    idx.add(hashes(40, 1), "a", 0.0)
+    idx.add(hashes(10, 2), "b", 0.0)
+    assert idx.live_blocks(1.0) == {"a": 40, "b": 10}
+    idx.add(hashes(20, 1), "a", 200.0)  # 20 of a's blocks touched again: still 40 distinct
+    assert idx.live_blocks(200.0) == {"a": 40, "b": 10}
+    # 320 s: the blocks last touched at 0 s have left the window, those touched at 200 s not.
+    assert idx.live_blocks(320.0) == {"a": 20, "b": 0}
+    idx.remove_pod("a")
+    assert idx.live_blocks(320.0) == {"b": 0}
+    idx.add(hashes(5, 3), "b", 321.0)
+    idx.evict_expired(321.0 + 600 - 10)  # the 0 s blocks expire, the 321 s ones stay
+    assert idx.live_blocks(330.0) == {"b": 5} == brute_live(idx, 330.0)
+    idx.clear()
+    assert idx.live_blocks(330.0) == {} and len(idx) == 0
+    idx.add(hashes(3, 4), "b", 331.0)
+    assert idx.live_blocks(331.0) == {"b": 3}
 
 
 # -- the strategy ----------------------------------------------------------------------------------
@@ -308,6 +342,49 @@ def test_cost_guard_trades_cache_against_queued_prefill() -> None:
     # requests still count, but not as prefill waiting ahead of a new one.
     clock.t += 0.5
     assert router.load.queued_prefill(f"default/{home}") == 0 < router.load.prefill_tokens(f"default/{home}")
+
+
+def test_kv_pressure_sends_new_prompts_where_the_cache_has_room() -> None:
+    # Two pods of 4,000 tokens of KV. Conversations share a ~3 KiB system prompt (~760 tokens) and
+    # open with ~2,000 tokens of their own; without the pressure term every one of them follows
+    # the system prompt to the first pod, far past what it holds.
+    def run(capacity: float) -> list[str]:
+        router = make_router(n=2, cost_request_tokens=0)
+        strategy_of(router).kv_capacity = {f"default/m-{i}": capacity for i in range(2)} if capacity else {}
+        pods = []
+        for c in range(6):
+            pod, _ = route(router, chat(SYSTEM, f"user {c} context: " + f"detail {c} " * 900))
+            pods.append(pod)
+        return pods
+
+    assert len(set(run(0))) == 1  # unknown capacity: the system prompt's pod takes them all
+    spread = run(4000)
+    assert spread.count("m-0") == 3 and spread.count("m-1") == 3, spread
+    # A continuation still goes home: the pressure term only prices what has to be computed.
+    router = make_router(n=2, cost_request_tokens=0)
+    strategy_of(router).kv_capacity = {"default/m-0": 4000, "default/m-1": 4000}
+    convs = [[SYSTEM, f"user {c} context: " + f"detail {c} " * 900] for c in range(4)]
+    homes = [route(router, chat(*msgs))[0] for msgs in convs]
+    for c, msgs in enumerate(convs):
+        msgs += ["an answer " * 30, "a follow-up " * 10]
+        pod, header = route(router, chat(*msgs))
+        assert pod == homes[c] and selection(header) == "prefix_match", header
+
+
+def test_kv_pressure_share_and_fallback_capacity() -> None:
+    clock = Clock()
+    router = make_router(n=2, clock=clock, pod_kv_tokens=10_000)
+    s = strategy_of(router)
+    route(router, chat("x" * 12_800))  # 100 blocks of 128 bytes, ~32 tokens each
+    pressure = s.kv_pressure(["default/m-0", "default/m-1"], clock.t)
+    assert sorted(pressure.values()) == [0.0, pytest.approx(0.32)]
+    s.kv_capacity["default/m-0"] = 1000.0  # engine-reported capacity wins over the fallback
+    s.kv_capacity["default/m-1"] = 1000.0
+    assert sorted(s.kv_pressure(["default/m-0", "default/m-1"], clock.t).values()) == [0.0, 1.0]
+    clock.t += 400  # past the 300 s window: nothing it holds counts as in use any more
+    assert set(s.kv_pressure(["default/m-0", "default/m-1"], clock.t).values()) == {0.0}
+    off = strategy_of(make_router(n=2, kv_window_s=0, pod_kv_tokens=10_000))
+    assert off.kv_pressure(["default/m-0"], clock.t) == {}
 
 
 def test_queued_prefill_drains_but_never_exceeds_what_is_booked() -> None:

@@ -9,10 +9,15 @@ traffic: the reference's hot-spot issues #2680-#2689), then let a load guard pic
 * `cost` (default): estimated time to first token on each pod, in prefill tokens: the pod's
   queued uncached prompt tokens (booked per request until it ends, drained at
   `prefill_tokens_per_s` since they arrived: `LoadTracker.queued_prefill`) + this request's
-  uncached tokens there + `cost_request_tokens` per open request (running sequences slow every
-  engine step and hold KV cache). The lowest wins, so a cached prefix is worth exactly what it
-  saves, and a hot prefix spills over once its pod's queue costs more than recomputing the prefix
-  elsewhere (the shape of Dynamo's cost and llm-d's token-load scorer).
+  uncached tokens there x (1 + the pod's KV pressure) + `cost_request_tokens` per open request
+  (running sequences slow every engine step and hold KV cache). The lowest wins, so a cached
+  prefix is worth exactly what it saves, and a hot prefix spills over once its pod's queue costs
+  more than recomputing the prefix elsewhere (the shape of Dynamo's cost and llm-d's token-load
+  scorer). KV pressure = the share of the pod's KV capacity (engine-reported) taken by blocks it
+  was sent within `kv_window_s`: each token newly cached on a full pod evicts one that other
+  requests still use and will have to recompute, so new prompts go where the cache has room
+  instead of piling onto the pod that happens to hold a shared system prompt (measured: without
+  it, 10 conversations with their own 2000-token histories all went to 2 of 4 pods and thrashed).
 * `stddev` (the reference's rules): if the in-flight spread over ready pods exceeds
   `imbalance_abs_count`, only the least-loaded pods stay candidates; matched candidates are tried
   by match desc, load asc, and the first with load <= mean + `stddev_factor` * stddev wins; otherwise
@@ -81,6 +86,12 @@ class PrefixCacheSettings:
     # a decoding request slows a pod far less than a prefill of its prompt would.
     cost_request_tokens: float = 64.0  # AIBRIX_PREFIX_CACHE_COST_REQUEST_TOKENS
     prefill_tokens_per_s: float = 16000.0  # AIBRIX_PREFIX_CACHE_PREFILL_TOKENS_PER_SEC; 0: no draining
+    # KV-cache pressure (cost guard): blocks sent to a pod within this window count as what it
+    # holds; 0 turns the pressure term off. 300 s: prompt caches are reused within minutes (the
+    # lifetime hosted APIs give theirs), and a window longer than a pod's real turnover only
+    # saturates the term, it does not mislead it.
+    kv_window_s: float = 300.0  # AIBRIX_PREFIX_CACHE_KV_WINDOW_SECONDS
+    pod_kv_tokens: int = 0  # AIBRIX_PREFIX_CACHE_POD_KV_TOKENS; capacity of a pod that reports none; 0: unknown
 
     def validate(self) -> None:
         """ValueError naming the environment variable of the first bad value."""
@@ -108,6 +119,8 @@ class PrefixCacheSettings:
              self.cost_request_tokens),
             (self.prefill_tokens_per_s >= 0, "AIBRIX_PREFIX_CACHE_PREFILL_TOKENS_PER_SEC", "0 or more",
              self.prefill_tokens_per_s),
+            (self.kv_window_s >= 0, "AIBRIX_PREFIX_CACHE_KV_WINDOW_SECONDS", "0 or more", self.kv_window_s),
+            (self.pod_kv_tokens >= 0, "AIBRIX_PREFIX_CACHE_POD_KV_TOKENS", "0 or more", self.pod_kv_tokens),
         ]
         for ok, var, wanted, value in checks:
             if not ok:
@@ -137,7 +150,8 @@ class PrefixCacheStrategy:
         self.settings = s
         self.tokenizer = tokenizer or make_tokenizer(s.tokenizer_type)
         self.block_size = s.block_size or DEFAULT_BLOCK_SIZE[self.tokenizer.name]
-        self.index = index if index is not None else PrefixIndex(s.block_number, s.eviction_duration_mins * 60.0)
+        self.index = index if index is not None else PrefixIndex(s.block_number, s.eviction_duration_mins * 60.0,
+                                                                 live_horizon=s.kv_window_s)
         self._clock = clock
         self._block_bytes = self.block_size * self.tokenizer.unit_bytes
         self._block_tokens = self.block_size / self.tokenizer.units_per_token
@@ -162,7 +176,7 @@ class PrefixCacheStrategy:
         prompt = self._hash(request, pods, now)
         valid = self._usable(request.model, prompt)
         if self.settings.load_guard == GUARD_COST:
-            pod, selection = self._by_cost(pods, valid, prompt.tokens, load, rng)
+            pod, selection = self._by_cost(pods, valid, prompt.tokens, load, rng, now)
         else:
             pod, selection = self._by_stddev(request.model, pods, valid, load, rng)
         self._record(request, prompt, pod, selection, now)
@@ -232,15 +246,35 @@ class PrefixCacheStrategy:
             self._count(self.ignored_matches, model)
         return valid
 
+    def kv_pressure(self, pod_keys: Sequence[str], now: float) -> dict[str, float]:
+        """Per pod of known KV capacity: the share (0..1) of its cache taken by what it was sent
+        within `kv_window_s` (the index's live blocks), i.e. the chance that a newly cached token
+        there evicts one that is still in use. Pods of unknown capacity are left out."""
+        if self.settings.kv_window_s <= 0 or not (self.kv_capacity or self.settings.pod_kv_tokens):
+            return {}
+        live = self.index.live_blocks(now)
+        out: dict[str, float] = {}
+        for key in pod_keys:
+            cap = self.kv_capacity.get(key) or self.settings.pod_kv_tokens
+            if cap:
+                out[key] = min(1.0, live.get(key, 0) * self._block_tokens / cap)
+        return out
+
     def _by_cost(self, pods: Sequence[Pod], valid: dict[str, int], tokens: float, load: LoadTracker,
-                 rng: random.Random) -> tuple[Pod, str]:
+                 rng: random.Random, now: float) -> tuple[Pod, str]:
         per_request = self.settings.cost_request_tokens
         block_tokens = self._block_tokens
+        keys = self._keys(pods)
+        pressure = self.kv_pressure(keys, now)
         best: list[Pod] = []
         best_key: tuple[float, int] | None = None
-        for pod, key in zip(pods, self._keys(pods), strict=True):
+        for pod, key in zip(pods, keys, strict=True):
             m = valid.get(key, 0)
-            cost = load.queued_prefill(key) + max(0.0, tokens - m * block_tokens) + per_request * load.inflight(key)
+            uncached = max(0.0, tokens - m * block_tokens)
+            # Computing the uncached tokens, plus (on a full cache) evicting as many tokens that
+            # other requests still use: new conversations go where there is room, a pod does not
+            # take on more live prefixes than it can hold and thrash them all.
+            cost = load.queued_prefill(key) + uncached * (1.0 + pressure.get(key, 0.0)) + per_request * load.inflight(key)
             rank = (cost, -m)  # equal cost: the longer match keeps the cache warm
             if best_key is None or rank < best_key:
                 best, best_key = [pod], rank
