@@ -4,9 +4,10 @@ Starts N simulated pods (``--timing model``: prefix-caching KV cache + continuou
 KV capacity that one pod's share of the prefixes overflows, our router + Envoy in front of them,
 and the peer routers ``sglang-router`` and ``vllm-router`` (``--policy cache_aware``, installed into
 the benchmark-only venv bench/.venv-peers on first use) pointed at the same pods. Then it runs
-``extproc-router loadtest --compare`` over all arms, flushing the pods (POST /sim/reset) before each
-arm, and leaves report.json, summary.md and plots per workload in --out
-(default bench/results/quality/<workload>/); process logs go to --out/run/.
+``extproc-router loadtest --compare`` over all arms, flushing the pods (POST /sim/reset) and our
+router's prefix index (POST /flush_cache) before each arm, and leaves report.json, summary.md and
+plots per workload in --out (default bench/results/quality/<workload>/); process logs go to
+--out/run/.
 
 An arm our router rejects (e.g. a strategy not built yet) is skipped and reported, not fatal.
 The run is bounded by --budget-s: each arm's sending time is capped so the whole run fits.
@@ -78,16 +79,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shared-prefix Poisson arrivals per second (about 80%% of what 4 pods serve without "
                         "cache hits, so misses queue)")
     p.add_argument("--users", type=int, default=10, help="multi-turn: conversations at once")
-    p.add_argument("--rounds", type=int, default=10, help="multi-turn: turns per conversation")
-    p.add_argument("--history-tokens", type=int, default=2000,
+    p.add_argument("--rounds", type=int, default=20,
+                   help="multi-turn: turns per conversation (first turns, cold for any router, are 1/rounds of all)")
+    p.add_argument("--history-tokens", type=int, default=1500,
                    help="multi-turn: user-specific context opening each conversation (0: the old, "
                         "system-prompt-only workload)")
-    p.add_argument("--turn-rate", type=float, default=3.0,
+    p.add_argument("--turn-rate", type=float, default=4.0,
                    help="multi-turn: Poisson turns per second over all users (0: closed loop of --users)")
     p.add_argument("--kv-capacity-tokens", type=int, default=16384,
                    help="per pod; the default shared-prefix prefixes (30 x ~1.5k tokens) need ~70%% of the "
                         "cluster's KV and ~2.8x one pod's")
-    p.add_argument("--budget-s", type=float, default=540.0, help="bound on the whole run, start-up included")
+    p.add_argument("--budget-s", type=float, default=720.0, help="bound on the whole run, start-up included")
     return p.parse_args(argv)
 
 
@@ -102,8 +104,10 @@ def workload_plans(args: argparse.Namespace) -> list[WorkloadPlan]:
     if args.workload in ("multi-turn", "both"):
         # The shape of production-stack's multi-round-qa (benchmarks/multi-round-qa, README example:
         # 10 users, 1000-token shared system prompt, 2000-token user history, 100-token answers,
-        # short questions, turns paced by an overall QPS), with 10 rounds as its run.sh: the first
-        # turn of each conversation is cold for every router, the later ones show the routing.
+        # short questions, turns paced by an overall QPS). The first turn of each conversation is
+        # cold for every router, the later ones show the routing; 20 rounds (its run.sh has 10)
+        # keep the cold ones at 5% of requests so that they alone do not decide the p90, and a
+        # 1500-token history keeps 10 grown conversations within the cluster's KV (not one pod's).
         users = args.users
         n = args.requests or users * args.rounds
         flags = ["--workload", "multi-turn", "--users", str(users), "--rounds", str(math.ceil(n / users)),
@@ -246,14 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     install = PEER_INSTALL_S if peers and not (PEER_VENV / "bin" / "vllm-router").exists() else 0.0
     fixed = STARTUP_S + install
     estimate = fixed + sum(n_arms * (p.send_time_s() + ARM_OVERHEAD_S) for p in plans)
-    # Cap each arm's sending time so the total fits the budget whatever the pods' speed.
-    per_arm_cap = max(10.0, (args.budget_s - fixed) / (n_arms * len(plans)) - ARM_OVERHEAD_S - 15.0)
+    # Cap each arm's sending time so the total fits the budget whatever the pods' speed: the budget
+    # left after start-up is shared out in proportion to each workload's expected sending time.
+    sending = sum(p.send_time_s() for p in plans) or 1.0
+    spare = max(0.0, args.budget_s - fixed - n_arms * len(plans) * (ARM_OVERHEAD_S + 15.0))
+    caps = {p.name: max(10.0, spare * p.send_time_s() / sending / n_arms) for p in plans}
     print(f"plan: {args.pods} simulated pods (KV {args.kv_capacity_tokens} tokens each), arms "
           f"{', '.join(ours + peers)}; workloads "
           + "; ".join(f"{p.name} {p.requests} requests"
                       + (f" at {p.rate:g}/s" if p.rate else f", closed loop of {p.concurrency}") for p in plans)
           + f".\nestimate: ~{estimate / 60:.1f} min (start-up {fixed:.0f} s); bounded to {args.budget_s / 60:.1f} min "
-          f"(each arm sends for at most {per_arm_cap:.0f} s, then gets 15 s to finish)", flush=True)
+          "(each arm sends for at most " + ", ".join(f"{c:.0f} s ({n})" for n, c in caps.items())
+          + ", then gets 15 s to finish)", flush=True)
 
     run_dir = args.out / "run"
     opts = StackOptions.on_free_ports(run_dir=str(run_dir), pods=args.pods, health_interval=0.5,
@@ -273,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                 peer_urls = peers_running.start(stack, python, peers)
                 print("peers up: " + ", ".join(f"{k} {v}" for k, v in peer_urls.items()), flush=True)
         compare = ",".join([*ours, *(f"{name}={url}" for name, url in peer_urls.items())])
-        resets = [arg for pod in stack.pods for arg in ("--reset-url", f"http://127.0.0.1:{pod.port}")]
+        # Each arm starts cold: the pods flush their KV caches, and our router forgets its prefix index
+        # (otherwise prefix-cache would route by what an earlier arm sent; the peers' arms ignore it).
+        reset_urls = [*(f"http://127.0.0.1:{pod.port}" for pod in stack.pods), f"{stack.router_http}/flush_cache"]
+        resets = [arg for url in reset_urls for arg in ("--reset-url", url)]
         status = 0
         for plan in plans:
             remaining = args.budget_s - (time.monotonic() - started)
@@ -283,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             cmd = [sys.executable, "-m", "extproc_router", "loadtest", "--target", stack.url,
                    "--model", opts.model, "--compare", compare, *resets, *plan.flags,
-                   "--requests", str(plan.requests), "--duration", f"{per_arm_cap:.0f}", "--grace", "15",
+                   "--requests", str(plan.requests), "--duration", f"{caps[plan.name]:.0f}", "--grace", "15",
                    "--timeout", "60", "--out", str(args.out / plan.name)]
             print(f"\n== {plan.name}: {' '.join(cmd[3:])}", flush=True)
             try:

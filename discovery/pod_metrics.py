@@ -7,7 +7,10 @@ not only by what this router sent: other routers and direct clients load the sam
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,7 +30,13 @@ _NAMES = {
     b"vllm:gpu_cache_usage_perc": "kv_usage",
     b"vllm:kv_cache_usage_perc": "kv_usage",
     b"sglang:token_usage": "kv_usage",
+    b"sglang:max_total_num_tokens": "kv_capacity_tokens",
+    b"vllm:cache_config_info": "cache_config",  # an info gauge: the capacity is in its labels
 }
+# Only the labels of `vllm:cache_config_info` lines are searched, so scraping stays one dict lookup a
+# line. The name must start a label (`{` or `,` before it): `num_gpu_blocks_override` is another label.
+_GPU_BLOCKS = re.compile(rb'[{,]\s*num_gpu_blocks="([^"]*)"')
+_BLOCK_SIZE = re.compile(rb'[{,]\s*block_size="([^"]*)"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,49 +45,94 @@ class PodMetrics:
     waiting: float = 0.0
     kv_usage: float = 0.0  # 0..1
     scraped_at: float = 0.0
+    kv_capacity_tokens: float = 0.0  # KV-cache size the engine reports; 0 = unknown
 
 
 def parse_metrics(text: bytes) -> PodMetrics:
-    """Sum each wanted metric over its label sets (several models on one pod add up)."""
+    """Sum each wanted metric over its label sets (several models on one pod add up).
+
+    The KV capacity is vLLM's `cache_config_info` num_gpu_blocks x block_size (one line per engine
+    of a data-parallel pod, summed; a line without both labels as numbers, such as num_gpu_blocks
+    "None" before the engine profiled its memory, makes it unknown), else SGLang's
+    `max_total_num_tokens`.
+    """
     values: dict[str, float] = {}
+    source: dict[str, bytes] = {}  # field -> the metric name it is read from (the first seen)
+    vllm_capacity: float | None = None  # None: no cache_config_info line; nan: one was unusable
     for line in text.split(b"\n"):
         if not line or line[0] == 35:  # '#'
             continue
         name_end = line.find(b"{")
         if name_end < 0:
             name_end = line.find(b" ")
-        field = _NAMES.get(line[:name_end])
+        name = line[:name_end]
+        field = _NAMES.get(name)
         if field is None:
+            continue
+        # vLLM exports gpu_cache_usage_perc and kv_cache_usage_perc side by side (the old and new
+        # names of one figure): sum a field over one metric's label sets, never over its aliases.
+        if source.setdefault(field, name) != name:
+            continue
+        if field == "cache_config":
+            vllm_capacity = (vllm_capacity or 0.0) + _cache_config_tokens(line[name_end:])
             continue
         try:
             value = float(line.rsplit(b" ", 1)[1])
         except (ValueError, IndexError):
             continue
         values[field] = values.get(field, 0.0) + value
+    if vllm_capacity is not None:
+        capacity = vllm_capacity if vllm_capacity > 0 else 0.0  # nan > 0 is False
+    else:
+        capacity = values.get("kv_capacity_tokens", 0.0)
     return PodMetrics(running=values.get("running", 0.0), waiting=values.get("waiting", 0.0),
-                      kv_usage=values.get("kv_usage", 0.0), scraped_at=time.monotonic())
+                      kv_usage=values.get("kv_usage", 0.0), scraped_at=time.monotonic(),
+                      kv_capacity_tokens=capacity if math.isfinite(capacity) else 0.0)
+
+
+def _cache_config_tokens(labels: bytes) -> float:
+    """num_gpu_blocks x block_size of one cache_config_info label set; nan when either is unusable."""
+    blocks = _GPU_BLOCKS.search(labels)
+    size = _BLOCK_SIZE.search(labels)
+    if blocks is None or size is None:
+        return math.nan
+    try:
+        tokens = float(blocks[1]) * float(size[1])
+    except ValueError:  # "None", "", garbage
+        return math.nan
+    return tokens if math.isfinite(tokens) and tokens > 0 else math.nan
 
 
 class PodMetricsScraper:
     """Scrapes a set of pods every `interval` and publishes {pod key: PodMetrics}; a pod whose scrape
-    fails is left out (callers treat missing metrics as unknown, not as idle)."""
+    fails is left out (callers treat missing metrics as unknown, not as idle).
+
+    Pods that `set_pods` adds are scraped right away rather than at the next tick: with a slow
+    interval (static values such as the KV capacity) a new pod would otherwise stay unknown for
+    up to a whole interval.
+    """
 
     def __init__(self, publish: Callable[[dict[str, PodMetrics]], None], *, interval: float = 0.1,
-                 timeout: float = 0.5) -> None:
+                 timeout: float = 0.5, name: str = "pod-metrics") -> None:
         self._publish = publish
         self.interval = interval
         self.timeout = timeout
+        self.name = name
         self._pods: dict[str, Pod] = {}
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
     def set_pods(self, pods: Iterable[Pod]) -> None:
+        old = self._pods
         self._pods = {p.key: p for p in pods}
+        if not self._pods.keys() <= old.keys():
+            self._wake.set()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
                                               connector=aiohttp.TCPConnector(limit=0))
-        self._task = asyncio.create_task(self._loop(), name="pod-metrics")
+        self._task = asyncio.create_task(self._loop(), name=self.name)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -105,9 +159,12 @@ class PodMetricsScraper:
 
     async def _loop(self) -> None:
         while True:
+            # Cleared before the round: pods added while it runs set it again and get the next one.
+            self._wake.clear()
             if self._pods:
                 try:
                     await self.scrape_once()
                 except Exception:  # keep scraping whatever one round did
-                    log.exception("pod metrics scrape failed")
-            await asyncio.sleep(self.interval)
+                    log.exception("%s scrape failed", self.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)

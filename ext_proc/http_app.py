@@ -1,18 +1,27 @@
 """The router's HTTP port: Prometheus `/metrics`, the gateway's `GET /v1/models`, liveness and
-readiness probes."""
+readiness probes, and `POST /flush_cache` (sglang-router's name) to empty the prefix index."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+log = logging.getLogger("extproc_router.http")
+
 
 def build_http_app(registry: CollectorRegistry, models_body: Callable[[], dict],
-                   is_ready: Callable[[], bool]) -> web.Application:
-    """Routes: GET /metrics, GET /v1/models (other methods 405), GET /health, GET /ready."""
+                   is_ready: Callable[[], bool], *, flush: Callable[[], int] | None = None) -> web.Application:
+    """Routes: GET /metrics, GET /v1/models (other methods 405), GET /health, GET /ready,
+    POST /flush_cache (other methods 405).
+
+    `flush` forgets the router's cached prefixes and returns how many index entries it dropped; a
+    benchmark calls it with the pods' own flush so that an arm starts cold on both sides. Without
+    it, the route answers 0 entries.
+    """
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -28,9 +37,15 @@ def build_http_app(registry: CollectorRegistry, models_body: Callable[[], dict],
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready\n")
 
+    async def flush_cache(request: web.Request) -> web.Response:
+        n = flush() if flush is not None else 0
+        log.info("POST /flush_cache from %s: dropped %d prefix-index entries", request.remote, n)
+        return web.Response(body=orjson.dumps({"flushed_entries": n}), content_type="application/json")
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_post("/flush_cache", flush_cache)
     return app

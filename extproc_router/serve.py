@@ -35,6 +35,10 @@ from statesync import StateSync, StateSyncSettings
 
 log = logging.getLogger("extproc_router")
 
+KV_CAPACITY_INTERVAL_S = 15.0
+"""How often every ready pod's KV capacity is re-read: it is fixed at engine start, so this only
+catches a pod restarted with another size under the same name (new pods are scraped at once)."""
+
 
 class PodSource(Protocol):
     """Pod discovery as the router needs it (FileDiscovery, KubernetesDiscovery): snapshots go to the
@@ -82,6 +86,10 @@ class RouterProcess:
                                        index=prefix.index if isinstance(prefix, PrefixCacheStrategy) else None)
         # pd ranks decode pods by what their engines report: scrape prefill/decode pods' /metrics.
         self.pod_metrics = PodMetricsScraper(self._publish_pod_metrics, interval=cfg.pod_metrics_interval_ms / 1000)
+        # prefix-cache weighs cache pressure by each pod's KV capacity, which engines report in
+        # /metrics: every ready pod of every model is read, slowly (the value is static).
+        self.kv_capacity = PodMetricsScraper(self._publish_kv_capacity, interval=KV_CAPACITY_INTERVAL_S,
+                                             timeout=2.0, name="kv-capacity")
         self.discovery: PodSource
         if make_discovery is None:
             file_discovery = FileDiscovery(cfg.pods_file, self._publish_snapshot,
@@ -124,12 +132,39 @@ class RouterProcess:
             self.statesync.on_pods(snapshot)
         self.pod_metrics.set_pods(p for m in snapshot.models.values() for p in m.ready
                                   if p.role in (ROLE_PREFILL, ROLE_DECODE))
+        self.kv_capacity.set_pods(p for m in snapshot.models.values() for p in m.ready)
+        prefix = self.router.strategies.get(PrefixCacheStrategy.name)
+        if isinstance(prefix, PrefixCacheStrategy):
+            known = _pod_keys(snapshot)
+            if not prefix.kv_capacity.keys() <= known:
+                prefix.kv_capacity = {k: c for k, c in prefix.kv_capacity.items() if k in known}
 
     def _publish_pod_metrics(self, metrics: dict[str, PodMetrics]) -> None:
         pd = self.router.strategies.get("pd")
         if isinstance(pd, PDStrategy):
             pd.pod_loads = {k: PodLoad(running=m.running, waiting=m.waiting, kv_usage=m.kv_usage)
                             for k, m in metrics.items()}
+
+    def _publish_kv_capacity(self, metrics: dict[str, PodMetrics]) -> None:
+        """Merged into what is known: a pod whose scrape failed (or that went unready) keeps its last
+        capacity, which does not change while it runs; pods gone from the snapshot, also during the
+        scrape, are dropped. A pod reporting none (an engine without the metric) stays unknown."""
+        prefix = self.router.strategies.get(PrefixCacheStrategy.name)
+        if not isinstance(prefix, PrefixCacheStrategy):
+            return
+        known = _pod_keys(self.router.snapshot)
+        merged = {k: c for k, c in prefix.kv_capacity.items() if k in known}
+        merged.update((k, m.kv_capacity_tokens) for k, m in metrics.items()
+                      if m.kv_capacity_tokens > 0 and k in known)
+        if merged != prefix.kv_capacity:
+            log.debug("KV capacity (tokens) by pod: %s", merged)
+        prefix.kv_capacity = merged
+
+    def flush_prefix_cache(self) -> int:
+        """`POST /flush_cache`: forget every prefix the index holds (the pods' caches were flushed,
+        e.g. between benchmark arms); the entries dropped, 0 without the prefix-cache strategy."""
+        prefix = self.router.strategies.get(PrefixCacheStrategy.name)
+        return prefix.flush() if isinstance(prefix, PrefixCacheStrategy) else 0
 
     def is_ready(self) -> bool:
         return self.discovery.ready and not self.draining
@@ -157,9 +192,11 @@ class RouterProcess:
             # Catch up (snapshots + stream tail, bounded wait) before the first request is routed.
             await self.statesync.start()
         await self.pod_metrics.start()
+        await self.kv_capacity.start()
         host, port = split_hostport(self.cfg.grpc_listen, "grpc_listen")
         self.grpc_port = await self.grpc.start(host, port)
-        app = build_http_app(self.registry, lambda: models_list(self.router), self.is_ready)
+        app = build_http_app(self.registry, lambda: models_list(self.router), self.is_ready,
+                             flush=self.flush_prefix_cache)
         self._http_runner = web.AppRunner(app, access_log=None)
         await self._http_runner.setup()
         hhost, hport = split_hostport(self.cfg.http_listen, "http_listen")
@@ -187,9 +224,15 @@ class RouterProcess:
             await self._http_runner.cleanup()
         await self.discovery.stop()
         await self.pod_metrics.stop()
+        await self.kv_capacity.stop()
         await self.service.prefill.close()
         if self.redis is not None:
             await self.redis.close()
+
+
+def _pod_keys(snapshot: PodSnapshot) -> set[str]:
+    """Keys of every pod the snapshot knows, ready or not."""
+    return {p.key for m in snapshot.models.values() for p in m.pods}
 
 
 def statesync_settings(cfg: RouterConfig) -> StateSyncSettings:
@@ -217,6 +260,8 @@ def prefix_cache_settings(cfg: RouterConfig) -> PrefixCacheSettings:
         stddev_factor=cfg.prefix_cache_stddev_factor,
         cost_request_tokens=cfg.prefix_cache_cost_request_tokens,
         prefill_tokens_per_s=cfg.prefix_cache_prefill_tokens_per_s,
+        kv_window_s=cfg.prefix_cache_kv_window_s,
+        pod_kv_tokens=cfg.prefix_cache_pod_kv_tokens,
     )
 
 

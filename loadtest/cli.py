@@ -115,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arms.add_argument("--compare", metavar="ARMS",
                       help="comma-separated arms: a strategy of --target, or NAME=URL for another endpoint")
     arms.add_argument("--reset-url", action="append", default=[], metavar="URL",
-                      help="pod base URL to POST /sim/reset before each arm (repeatable)")
+                      help="POSTed before each arm (repeatable): a pod base URL gets POST /sim/reset; a URL "
+                           "with a path is POSTed as given, e.g. a router's http://HOST:PORT/flush_cache")
     arms.add_argument("--no-preflight", action="store_true", help="skip the one-request check before each arm")
 
     oracle = parser.add_argument_group("hit rate")

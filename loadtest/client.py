@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -183,12 +184,21 @@ async def probe(
         return f"{type(exc).__name__}: {exc}"
 
 
+def reset_target(url: str) -> str:
+    """Where a reset URL is POSTed: a base URL (no path, or ``/``) is a simulated pod, reset at
+    ``/sim/reset``; a URL with a path is taken as given (a router's ``/flush_cache``)."""
+    if urlsplit(url).path in ("", "/"):
+        return url.rstrip("/") + "/sim/reset"
+    return url
+
+
 async def reset_pods(session: aiohttp.ClientSession, urls: list[str]) -> list[str]:
-    """``POST <url>/sim/reset`` on every pod (flush KV cache and counters); the failures, as text."""
+    """``POST`` every reset URL (`reset_target`): pods flush their KV cache and counters, routers
+    their prefix index; the failures, as text."""
 
     async def one(url: str) -> str | None:
         try:
-            async with session.post(url.rstrip("/") + "/sim/reset") as resp:
+            async with session.post(reset_target(url)) as resp:
                 await resp.read()
                 return None if resp.status < 300 else f"{url}: HTTP {resp.status}"
         except (TimeoutError, aiohttp.ClientError) as exc:

@@ -86,6 +86,16 @@ class _StateCollector(Collector):
     def __init__(self, engine: SimEngine, metrics: SimMetrics) -> None:
         self._engine = engine
         self._metrics = metrics
+        # The cache's shape is fixed for the pod's lifetime: its info labels are built once. Label
+        # values are strings of the config values as vLLM's CacheConfig.metrics_info() renders them;
+        # blocks are whole ones, as the model engine allocates them (capacity // block size).
+        config = engine.config
+        self._cache_info = [
+            str(config.block_size),
+            "auto",
+            str(config.timing == "model" and config.prefix_caching),  # fixed timing has no prefix cache
+            str(config.kv_capacity_tokens // config.block_size),
+        ]
 
     def collect(self) -> Iterator[Metric]:
         engine, models = self._engine, self._metrics.models
@@ -172,6 +182,17 @@ class _StateCollector(Collector):
             for m in models:
                 counter.add_metric([m], read(counters[m]))
             yield counter
+
+        # vLLM's info metric: a gauge fixed at 1 whose labels carry the engine's CacheConfig; routers
+        # read the pod's KV capacity from it (num_gpu_blocks x block_size tokens). Like vLLM's, it has no
+        # model_name: the one cache serves every model.
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            labels=["block_size", "cache_dtype", "enable_prefix_caching", "num_gpu_blocks"],
+        )
+        info.add_metric(self._cache_info, 1.0)
+        yield info
 
         # KV holds belong to the pod's one cache, not to a model (model timing only; zero in fixed).
         holds = engine.hold_stats()

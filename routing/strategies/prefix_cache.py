@@ -274,7 +274,8 @@ class PrefixCacheStrategy:
             # Computing the uncached tokens, plus (on a full cache) evicting as many tokens that
             # other requests still use: new conversations go where there is room, a pod does not
             # take on more live prefixes than it can hold and thrash them all.
-            cost = load.queued_prefill(key) + uncached * (1.0 + pressure.get(key, 0.0)) + per_request * load.inflight(key)
+            cost = (load.queued_prefill(key) + uncached * (1.0 + pressure.get(key, 0.0))
+                    + per_request * load.inflight(key))
             rank = (cost, -m)  # equal cost: the longer match keeps the cache warm
             if best_key is None or rank < best_key:
                 best, best_key = [pod], rank
