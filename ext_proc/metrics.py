@@ -101,6 +101,8 @@ class PrefixCacheCollector(Collector):
         strategy = router.strategies.get(PrefixCacheStrategy.name)
         if isinstance(strategy, PrefixCacheStrategy):
             yield from self._strategy_metrics(strategy)
+        if isinstance(strategy, PrefixCacheStrategy):
+            yield from self._kv_metrics(router, strategy)
         prefill = GaugeMetricFamily("extproc_inflight_prefill_tokens", "Uncached prompt tokens of the requests "
                                     "this router has in flight per pod (the cost guard's load signal).",
                                     labels=["model", "pod"])
@@ -109,6 +111,26 @@ class PrefixCacheCollector(Collector):
             for pod in entry.pods:
                 prefill.add_metric([entry.name, pod.name], tokens.get(pod.key, 0))
         yield prefill
+
+    @staticmethod
+    def _kv_metrics(router: Router, s: PrefixCacheStrategy) -> Iterator[GaugeMetricFamily]:
+        capacity = GaugeMetricFamily("extproc_pod_kv_capacity_tokens", "KV-cache capacity per pod as its engine "
+                                     "reports it (or AIBRIX_PREFIX_CACHE_POD_KV_TOKENS); absent: unknown.",
+                                     labels=["model", "pod"])
+        pressure = GaugeMetricFamily("extproc_prefix_cache_kv_pressure", "Share of the pod's KV capacity taken by "
+                                     "blocks routed to it within AIBRIX_PREFIX_CACHE_KV_WINDOW_SECONDS (0..1).",
+                                     labels=["model", "pod"])
+        keys = [p.key for m in router.snapshot.models.values() for p in m.pods]
+        shares = s.kv_pressure(keys, s.clock())
+        for entry in router.snapshot.models.values():
+            for pod in entry.pods:
+                cap = s.kv_capacity.get(pod.key) or s.settings.pod_kv_tokens
+                if cap:
+                    capacity.add_metric([entry.name, pod.name], cap)
+                if pod.key in shares:
+                    pressure.add_metric([entry.name, pod.name], shares[pod.key])
+        yield capacity
+        yield pressure
 
     @staticmethod
     def _strategy_metrics(s: PrefixCacheStrategy) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:

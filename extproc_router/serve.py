@@ -262,6 +262,7 @@ def prefix_cache_settings(cfg: RouterConfig) -> PrefixCacheSettings:
         prefill_tokens_per_s=cfg.prefix_cache_prefill_tokens_per_s,
         kv_window_s=cfg.prefix_cache_kv_window_s,
         pod_kv_tokens=cfg.prefix_cache_pod_kv_tokens,
+        kv_pressure_weight=cfg.prefix_cache_kv_pressure_weight,
     )
 
 

@@ -30,7 +30,7 @@ class RoutingSettings:
 class PodStateOwner(Protocol):
     """A strategy that keeps per-pod state (the prefix index) and must drop pods that are gone."""
 
-    def retain_pods(self, keep: set[str]) -> None: ...
+    def retain_pods(self, keep: set[str], ready: set[str] | None = None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +80,11 @@ class Router:
     def update_snapshot(self, snapshot: PodSnapshot) -> None:
         self.snapshot = snapshot
         keep = {p.key for m in snapshot.models.values() for p in m.pods}
+        ready = {p.key for m in snapshot.models.values() for p in m.ready}
         self.load.forget(keep)
         for strategy in self.strategies.values():
             if isinstance(strategy, PodStateOwner):
-                strategy.retain_pods(keep)
+                strategy.retain_pods(keep, ready)
 
     def resolve_strategy(self, header: str | None, profile: ProfileChoice | None = None) -> tuple[str, str]:
         """Strategy name and where it came from, by the reference's precedence:

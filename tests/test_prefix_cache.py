@@ -438,10 +438,15 @@ def test_removed_pods_lose_their_entries() -> None:
     remaining = [p for p in router.snapshot.model("m").pods if p.name != home]
     router.update_snapshot(PodSnapshot.build(remaining, {p.key for p in remaining}, {"m": None}))
     assert f"default/{home}" not in s.index.pod_entry_counts() and len(s.index) == 0
-    # A pod that is merely unready keeps its entries (it may come back with its cache).
+    # A pod that stops being ready loses them too (a restarted engine's cache is empty); it starts
+    # over when it is back, and the pods that stayed ready keep theirs.
     pod, _ = route(router, chat(SYSTEM, "q"))
-    router.update_snapshot(PodSnapshot.build(remaining, set(), {"m": None}))
-    assert s.index.pod_entry_counts()[f"default/{pod}"] > 0
+    other = next(p for p in remaining if p.name != pod)
+    s.index.add(hashes(5, 9), other.key, time.time())
+    router.update_snapshot(PodSnapshot.build(remaining, {other.key}, {"m": None}))
+    assert f"default/{pod}" not in s.index.pod_entry_counts() and s.index.pod_entry_counts()[other.key] == 5
+    router.update_snapshot(PodSnapshot.build(remaining, {p.key for p in remaining}, {"m": None}))
+    assert s.match_shares(chat(SYSTEM, "q"), router.snapshot.model("m").ready).get(f"default/{pod}") is None
 
 
 def test_unicode_and_megabyte_prompts() -> None:
@@ -510,6 +515,12 @@ def test_metrics_collector_exposes_the_counters() -> None:
     assert 'extproc_prefix_cache_routing_decisions_total{match_percent_bucket="76-100",model="m"} 1.0' in text
     assert 'extproc_prefix_cache_routing_selection_total{model="m",selection="prefix_match"} 1.0' in text
     assert "extproc_prefix_cache_index_entries " in text and 'extproc_inflight_prefill_tokens{' in text
+    assert "extproc_pod_kv_capacity_tokens{" not in text  # capacity unknown: no series, no pressure
+    strategy_of(router).kv_capacity = {"default/m-0": 1000.0, "default/m-1": 1000.0}
+    text = generate_latest(registry).decode()
+    assert 'extproc_pod_kv_capacity_tokens{model="m",pod="m-0"} 1000.0' in text
+    pressures = [line for line in text.splitlines() if line.startswith("extproc_prefix_cache_kv_pressure{")]
+    assert sorted(line.rpartition(" ")[2] for line in pressures) == ["0.0", "0.768"], pressures  # 24 blocks x 32
 
 
 # -- through the real stack --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ traffic: the reference's hot-spot issues #2680-#2689), then let a load guard pic
 * `cost` (default): estimated time to first token on each pod, in prefill tokens: the pod's
   queued uncached prompt tokens (booked per request until it ends, drained at
   `prefill_tokens_per_s` since they arrived: `LoadTracker.queued_prefill`) + this request's
-  uncached tokens there x (1 + the pod's KV pressure) + `cost_request_tokens` per open request
+  uncached tokens there x (1 + `kv_pressure_weight` x the pod's KV pressure) + `cost_request_tokens` per open request
   (running sequences slow every engine step and hold KV cache). The lowest wins, so a cached
   prefix is worth exactly what it saves, and a hot prefix spills over once its pod's queue costs
   more than recomputing the prefix elsewhere (the shape of Dynamo's cost and llm-d's token-load
@@ -92,6 +92,13 @@ class PrefixCacheSettings:
     # saturates the term, it does not mislead it.
     kv_window_s: float = 300.0  # AIBRIX_PREFIX_CACHE_KV_WINDOW_SECONDS
     pod_kv_tokens: int = 0  # AIBRIX_PREFIX_CACHE_POD_KV_TOKENS; capacity of a pod that reports none; 0: unknown
+    # Uncached tokens cost x (1 + weight x pressure). Conversations grow after they are placed (each
+    # turn adds its question and answer), so the pressure a new one sees understates what it will
+    # cause: at 1, ten conversations behind one 1000-token system prompt still went 6-7 to a pod
+    # (it spreads from ~65% full, they then tripled and thrashed it); at 2 a pod ~1/3 full stops
+    # taking new conversations for a system-prompt match, while a continuation (few uncached
+    # tokens) still goes home whatever the pressure.
+    kv_pressure_weight: float = 2.0  # AIBRIX_PREFIX_CACHE_KV_PRESSURE_WEIGHT
 
     def validate(self) -> None:
         """ValueError naming the environment variable of the first bad value."""
@@ -121,6 +128,8 @@ class PrefixCacheSettings:
              self.prefill_tokens_per_s),
             (self.kv_window_s >= 0, "AIBRIX_PREFIX_CACHE_KV_WINDOW_SECONDS", "0 or more", self.kv_window_s),
             (self.pod_kv_tokens >= 0, "AIBRIX_PREFIX_CACHE_POD_KV_TOKENS", "0 or more", self.pod_kv_tokens),
+            (self.kv_pressure_weight >= 0, "AIBRIX_PREFIX_CACHE_KV_PRESSURE_WEIGHT", "0 or more",
+             self.kv_pressure_weight),
         ]
         for ok, var, wanted, value in checks:
             if not ok:
@@ -209,13 +218,20 @@ class PrefixCacheStrategy:
         n = len(prompt.hashes)
         return {k: m / n for k, m in self._usable(request.model, prompt, count=False).items()}
 
+    def clock(self) -> float:
+        """The strategy's wall clock (index timestamps are on it)."""
+        return self._clock()
+
     def flush(self) -> int:
         """Forget every prefix (the pods' caches were flushed); returns the entries dropped."""
         return self.index.clear()
 
-    def retain_pods(self, keep: set[str]) -> None:
-        """The snapshot changed: forget the index entries of pods that are gone."""
-        self.index.retain_pods(keep)
+    def retain_pods(self, keep: set[str], ready: set[str] | None = None) -> None:
+        """The snapshot changed: forget the index entries of pods that are gone and of pods that
+        stopped being ready. A pod failing its health checks is dying or restarting, and a restarted
+        engine comes back with an empty KV cache: routing there by its old prefixes would be
+        routing to misses. (One that merely blipped pays one recompute per prefix.)"""
+        self.index.retain_pods(ready if ready is not None else keep)
 
     # -- steps -----------------------------------------------------------------------------------
     def _hash(self, request: RoutingRequest, pods: Sequence[Pod], now: float) -> _Prompt:
@@ -266,6 +282,7 @@ class PrefixCacheStrategy:
         block_tokens = self._block_tokens
         keys = self._keys(pods)
         pressure = self.kv_pressure(keys, now)
+        weight = self.settings.kv_pressure_weight
         best: list[Pod] = []
         best_key: tuple[float, int] | None = None
         for pod, key in zip(pods, keys, strict=True):
@@ -274,7 +291,7 @@ class PrefixCacheStrategy:
             # Computing the uncached tokens, plus (on a full cache) evicting as many tokens that
             # other requests still use: new conversations go where there is room, a pod does not
             # take on more live prefixes than it can hold and thrash them all.
-            cost = (load.queued_prefill(key) + uncached * (1.0 + pressure.get(key, 0.0))
+            cost = (load.queued_prefill(key) + uncached * (1.0 + weight * pressure.get(key, 0.0))
                     + per_request * load.inflight(key))
             rank = (cost, -m)  # equal cost: the longer match keeps the cache warm
             if best_key is None or rank < best_key:
