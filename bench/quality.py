@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-peers", action="store_true", help="run only our router's arms")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality")
     p.add_argument("--pods", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="workload seed (same seed, same requests and arrivals)")
     p.add_argument("--rate", type=float, default=20.0,
                    help="shared-prefix Poisson arrivals per second (about 80%% of what 4 pods serve without "
                         "cache hits, so misses queue)")
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "extproc_router", "loadtest", "--target", stack.url,
                    "--model", opts.model, "--compare", compare, *resets, *plan.flags,
                    "--requests", str(plan.requests), "--duration", f"{caps[plan.name]:.0f}", "--grace", "15",
-                   "--timeout", "60", "--out", str(args.out / plan.name)]
+                   "--timeout", "60", "--seed", str(args.seed), "--out", str(args.out / plan.name)]
             print(f"\n== {plan.name}: {' '.join(cmd[3:])}", flush=True)
             try:
                 rc = subprocess.run(cmd, cwd=ROOT, timeout=remaining + 30).returncode

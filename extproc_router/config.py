@@ -58,6 +58,7 @@ class RouterConfig:
     prefix_cache_kv_window_s: float = 300.0
     prefix_cache_pod_kv_tokens: int = 0
     prefix_cache_kv_pressure_weight: float = 2.0
+    prefix_cache_cost_waiting_tokens: float = 800.0
 
 
 # Environment variables users of the reference gateway already know, plus ours for the rest.
@@ -95,13 +96,15 @@ ENV_VARS: dict[str, str] = {
     "AIBRIX_PREFIX_CACHE_KV_WINDOW_SECONDS": "prefix_cache_kv_window_s",
     "AIBRIX_PREFIX_CACHE_POD_KV_TOKENS": "prefix_cache_pod_kv_tokens",
     "AIBRIX_PREFIX_CACHE_KV_PRESSURE_WEIGHT": "prefix_cache_kv_pressure_weight",
+    "AIBRIX_PREFIX_CACHE_COST_WAITING_TOKENS": "prefix_cache_cost_waiting_tokens",
 }
 
 # Settings where 0 is a meaningful value (a seed, a percentage, a threshold, a weight).
 _ZERO_OK = frozenset({"prefix_cache_hash_seed", "prefix_cache_min_match_pct", "prefix_cache_imbalance_abs_count",
                       "prefix_cache_stddev_factor", "prefix_cache_cost_request_tokens",
                       "prefix_cache_prefill_tokens_per_s", "prefix_cache_kv_window_s",
-                      "prefix_cache_pod_kv_tokens", "prefix_cache_kv_pressure_weight"})
+                      "prefix_cache_pod_kv_tokens", "prefix_cache_kv_pressure_weight",
+                      "prefix_cache_cost_waiting_tokens"})
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:

@@ -28,7 +28,7 @@ from extproc_router.policy import parse_api_keys, parse_users
 from routing.block_hash import DEFAULT_HASH_SEED
 from routing.pods import PodSnapshot
 from routing.router import Router, RoutingSettings
-from routing.strategies.pd import ROLE_DECODE, ROLE_PREFILL, PDStrategy, PodLoad
+from routing.strategies.pd import PDStrategy, PodLoad
 from routing.strategies.prefix_cache import PrefixCacheSettings, PrefixCacheStrategy
 from routing.tokenizers import count_tokens
 from statesync import StateSync, StateSyncSettings
@@ -130,8 +130,8 @@ class RouterProcess:
         self.router.update_snapshot(snapshot)
         if self.statesync is not None:
             self.statesync.on_pods(snapshot)
-        self.pod_metrics.set_pods(p for m in snapshot.models.values() for p in m.ready
-                                  if p.role in (ROLE_PREFILL, ROLE_DECODE))
+        # Every ready pod: pd ranks decode pods by these, prefix-cache prices engine queues with them.
+        self.pod_metrics.set_pods(p for m in snapshot.models.values() for p in m.ready)
         self.kv_capacity.set_pods(p for m in snapshot.models.values() for p in m.ready)
         prefix = self.router.strategies.get(PrefixCacheStrategy.name)
         if isinstance(prefix, PrefixCacheStrategy):
@@ -144,6 +144,10 @@ class RouterProcess:
         if isinstance(pd, PDStrategy):
             pd.pod_loads = {k: PodLoad(running=m.running, waiting=m.waiting, kv_usage=m.kv_usage)
                             for k, m in metrics.items()}
+        prefix = self.router.strategies.get(PrefixCacheStrategy.name)
+        if isinstance(prefix, PrefixCacheStrategy):
+            # A pod whose scrape failed is left out: unknown, not idle (its router-side load still counts).
+            prefix.engine_waiting = {k: m.waiting for k, m in metrics.items()}
 
     def _publish_kv_capacity(self, metrics: dict[str, PodMetrics]) -> None:
         """Merged into what is known: a pod whose scrape failed (or that went unready) keeps its last
@@ -263,6 +267,7 @@ def prefix_cache_settings(cfg: RouterConfig) -> PrefixCacheSettings:
         kv_window_s=cfg.prefix_cache_kv_window_s,
         pod_kv_tokens=cfg.prefix_cache_pod_kv_tokens,
         kv_pressure_weight=cfg.prefix_cache_kv_pressure_weight,
+        cost_waiting_tokens=cfg.prefix_cache_cost_waiting_tokens,
     )
 
 

@@ -194,6 +194,8 @@ async def test_serve_keeps_prefix_cache_kv_capacity(tmp_path: Path) -> None:
             a, b = "default/pod-a", "default/pod-b"
             # Both are scraped once ready, long before the 15 s interval.
             await wait_for(lambda: strategy.kv_capacity == {a: 4096.0, b: 992.0}, 5, "both capacities")
+            # The 100 ms engine scrape covers combined pods too: their waiting queues reach the cost guard.
+            await wait_for(lambda: strategy.engine_waiting.keys() == {a, b}, 5, "engine waiting of both pods")
 
             # A pod joining is read at once too.
             sims["pod-c"] = await start(kv_capacity_tokens=2048)

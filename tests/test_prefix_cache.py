@@ -371,6 +371,32 @@ def test_kv_pressure_sends_new_prompts_where_the_cache_has_room() -> None:
         assert pod == homes[c] and selection(header) == "prefix_match", header
 
 
+def test_engine_waiting_queue_spills_a_cached_prefix() -> None:
+    # A memory-bound pod: the router's own books say idle (nothing booked), its engine says
+    # requests wait for KV. ~1,540 cached tokens outweigh 1 x 800 tokens of waiting, not 5.
+    router = make_router(n=2, cost_request_tokens=0)
+    s = strategy_of(router)
+    system = SYSTEM * 2
+    home, _ = route(router, chat(system, "q"))
+    other = next(p.name for p in router.snapshot.model("m").ready if p.name != home)
+    s.engine_waiting = {f"default/{home}": 1.0, f"default/{other}": 0.0}
+    pod, header = route(router, chat(system, "q2"))
+    assert pod == home and selection(header) == "prefix_match", header
+    s.engine_waiting = {f"default/{home}": 5.0, f"default/{other}": 0.0}
+    pod, header = route(router, chat(system, "q3"))
+    assert pod == other and selection(header) == "prefix_match_skipped", header
+    # The larger of the two queue estimates, not their sum: 2,000 booked tokens and 1 waiting
+    # request are one queue (max 2,000 < 800 + 1,540 elsewhere; a sum, 2,800, would spill).
+    router = make_router(n=2, cost_request_tokens=0)
+    s = strategy_of(router)
+    home, _ = route(router, chat(system, "q"))
+    other = next(p.name for p in router.snapshot.model("m").ready if p.name != home)
+    s.engine_waiting = {f"default/{home}": 1.0, f"default/{other}": 1.0}
+    router.load.acquire(f"default/{home}", 2000)
+    pod, header = route(router, chat(system, "q4"))
+    assert pod == home, header
+
+
 def test_kv_pressure_share_and_fallback_capacity() -> None:
     clock = Clock()
     router = make_router(n=2, clock=clock, pod_kv_tokens=10_000)

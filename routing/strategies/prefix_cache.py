@@ -13,7 +13,9 @@ traffic: the reference's hot-spot issues #2680-#2689), then let a load guard pic
   (running sequences slow every engine step and hold KV cache). The lowest wins, so a cached
   prefix is worth exactly what it saves, and a hot prefix spills over once its pod's queue costs
   more than recomputing the prefix elsewhere (the shape of Dynamo's cost and llm-d's token-load
-  scorer). KV pressure = the share of the pod's KV capacity (engine-reported) taken by blocks it
+  scorer). The queued part is the larger of that booked estimate and the engine's own waiting
+  queue x `cost_waiting_tokens` (scraped `/metrics`; a memory-bound pod admits nothing however
+  fast it would prefill). KV pressure = the share of the pod's KV capacity (engine-reported) taken by blocks it
   was sent within `kv_window_s`: each token newly cached on a full pod evicts one that other
   requests still use and will have to recompute, so new prompts go where the cache has room
   instead of piling onto the pod that happens to hold a shared system prompt (measured: without
@@ -99,6 +101,15 @@ class PrefixCacheSettings:
     # taking new conversations for a system-prompt match, while a continuation (few uncached
     # tokens) still goes home whatever the pressure.
     kv_pressure_weight: float = 2.0  # AIBRIX_PREFIX_CACHE_KV_PRESSURE_WEIGHT
+    # Each request the engine reports waiting (vllm:num_requests_waiting, scraped every
+    # AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS) is admitted before a new one. When a pod's KV is full
+    # of running sequences it admits one per sequence that finishes (~e2e / running, 0.05-0.1 s for
+    # an 8B model with 100-token answers), however fast it would prefill; the router's own drained
+    # estimate then says the pod is idle while its queue grows, and the cached prefix keeps pulling
+    # (measured at 30 req/s on bench/quality.py: one pod's TTFT climbed to 2.5 s, p90 2.01 s). 800
+    # tokens (0.05 s of prefill) measured best between 200 and 1600: p90 280 ms at 30 req/s, and at
+    # 40 req/s (overload) 1.09 s with the hit rate kept, where 1600 spilled cached requests (hit 45%).
+    cost_waiting_tokens: float = 800.0  # AIBRIX_PREFIX_CACHE_COST_WAITING_TOKENS
 
     def validate(self) -> None:
         """ValueError naming the environment variable of the first bad value."""
@@ -130,6 +141,8 @@ class PrefixCacheSettings:
             (self.pod_kv_tokens >= 0, "AIBRIX_PREFIX_CACHE_POD_KV_TOKENS", "0 or more", self.pod_kv_tokens),
             (self.kv_pressure_weight >= 0, "AIBRIX_PREFIX_CACHE_KV_PRESSURE_WEIGHT", "0 or more",
              self.kv_pressure_weight),
+            (self.cost_waiting_tokens >= 0, "AIBRIX_PREFIX_CACHE_COST_WAITING_TOKENS", "0 or more",
+             self.cost_waiting_tokens),
         ]
         for ok, var, wanted, value in checks:
             if not ok:
@@ -170,6 +183,9 @@ class PrefixCacheStrategy:
         # sets it from vLLM's cache_config_info / SGLang's max_total_num_tokens); a pod missing
         # here falls back to `pod_kv_tokens`, and without either its cache pressure is not scored.
         self.kv_capacity: dict[str, float] = {}
+        # Pod key -> requests its engine reports waiting (serve's 100 ms metrics scraper); a pod
+        # missing here adds nothing.
+        self.engine_waiting: dict[str, float] = {}
         self._pods_seen: Sequence[Pod] = ()
         self._pod_keys: tuple[str, ...] = ()
         # Plain ints on the request path; ext_proc/metrics.py reads them at scrape time.
@@ -283,6 +299,8 @@ class PrefixCacheStrategy:
         keys = self._keys(pods)
         pressure = self.kv_pressure(keys, now)
         weight = self.settings.kv_pressure_weight
+        waiting = self.engine_waiting
+        per_waiting = self.settings.cost_waiting_tokens
         best: list[Pod] = []
         best_key: tuple[float, int] | None = None
         for pod, key in zip(pods, keys, strict=True):
@@ -291,8 +309,14 @@ class PrefixCacheStrategy:
             # Computing the uncached tokens, plus (on a full cache) evicting as many tokens that
             # other requests still use: new conversations go where there is room, a pod does not
             # take on more live prefixes than it can hold and thrash them all.
-            cost = (load.queued_prefill(key) + uncached * (1.0 + weight * pressure.get(key, 0.0))
-                    + per_request * load.inflight(key))
+            # Two estimates of the wait before this prefill starts: the router's booked prefill still
+            # queued (right while the pod is compute-bound), the engine's waiting queue (right when
+            # it is memory-bound and admits nothing). The larger one, not their sum: both count
+            # the same queue when it is the prefill that is behind.
+            queued = load.queued_prefill(key)
+            if waiting:
+                queued = max(queued, per_waiting * waiting.get(key, 0.0))
+            cost = queued + uncached * (1.0 + weight * pressure.get(key, 0.0)) + per_request * load.inflight(key)
             rank = (cost, -m)  # equal cost: the longer match keeps the cache warm
             if best_key is None or rank < best_key:
                 best, best_key = [pod], rank
