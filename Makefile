@@ -39,7 +39,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 
-## bench-quality: routing quality on 4 model-timed simulated pods, ours vs sglang-router / vllm-router (~2 min)
+## bench-quality: routing quality on 4 model-timed simulated pods, ours vs sglang-router / vllm-router (~6 min)
 bench-quality: $(STAMP)
 	$(PY) bench/quality.py --workload both
 
