@@ -35,11 +35,6 @@ from statesync import StateSync, StateSyncSettings
 
 log = logging.getLogger("extproc_router")
 
-KV_CAPACITY_INTERVAL_S = 15.0
-"""How often every ready pod's KV capacity is re-read: it is fixed at engine start, so this only
-catches a pod restarted with another size under the same name (new pods are scraped at once)."""
-
-
 class PodSource(Protocol):
     """Pod discovery as the router needs it (FileDiscovery, KubernetesDiscovery): snapshots go to the
     `publish` callback it was made with; `ready` once the first pod set is known."""
@@ -84,12 +79,10 @@ class RouterProcess:
             prefix = self.router.strategies.get(PrefixCacheStrategy.name)
             self.statesync = StateSync(statesync_settings(cfg), registry=self.registry, load=self.router.load,
                                        index=prefix.index if isinstance(prefix, PrefixCacheStrategy) else None)
-        # pd ranks decode pods by what their engines report: scrape prefill/decode pods' /metrics.
+        # Every ready pod's engine /metrics, one scrape for all uses: pd ranks decode pods by running,
+        # waiting and KV usage; prefix-cache prices engine queues and weighs cache pressure by the
+        # KV capacity the engine reports.
         self.pod_metrics = PodMetricsScraper(self._publish_pod_metrics, interval=cfg.pod_metrics_interval_ms / 1000)
-        # prefix-cache weighs cache pressure by each pod's KV capacity, which engines report in
-        # /metrics: every ready pod of every model is read, slowly (the value is static).
-        self.kv_capacity = PodMetricsScraper(self._publish_kv_capacity, interval=KV_CAPACITY_INTERVAL_S,
-                                             timeout=2.0, name="kv-capacity")
         self.discovery: PodSource
         if make_discovery is None:
             file_discovery = FileDiscovery(cfg.pods_file, self._publish_snapshot,
@@ -130,9 +123,7 @@ class RouterProcess:
         self.router.update_snapshot(snapshot)
         if self.statesync is not None:
             self.statesync.on_pods(snapshot)
-        # Every ready pod: pd ranks decode pods by these, prefix-cache prices engine queues with them.
         self.pod_metrics.set_pods(p for m in snapshot.models.values() for p in m.ready)
-        self.kv_capacity.set_pods(p for m in snapshot.models.values() for p in m.ready)
         prefix = self.router.strategies.get(PrefixCacheStrategy.name)
         if isinstance(prefix, PrefixCacheStrategy):
             known = _pod_keys(snapshot)
@@ -148,14 +139,12 @@ class RouterProcess:
         if isinstance(prefix, PrefixCacheStrategy):
             # A pod whose scrape failed is left out: unknown, not idle (its router-side load still counts).
             prefix.engine_waiting = {k: m.waiting for k, m in metrics.items()}
+            self._publish_kv_capacity(prefix, metrics)
 
-    def _publish_kv_capacity(self, metrics: dict[str, PodMetrics]) -> None:
+    def _publish_kv_capacity(self, prefix: PrefixCacheStrategy, metrics: dict[str, PodMetrics]) -> None:
         """Merged into what is known: a pod whose scrape failed (or that went unready) keeps its last
         capacity, which does not change while it runs; pods gone from the snapshot, also during the
         scrape, are dropped. A pod reporting none (an engine without the metric) stays unknown."""
-        prefix = self.router.strategies.get(PrefixCacheStrategy.name)
-        if not isinstance(prefix, PrefixCacheStrategy):
-            return
         known = _pod_keys(self.router.snapshot)
         merged = {k: c for k, c in prefix.kv_capacity.items() if k in known}
         merged.update((k, m.kv_capacity_tokens) for k, m in metrics.items()
@@ -196,7 +185,6 @@ class RouterProcess:
             # Catch up (snapshots + stream tail, bounded wait) before the first request is routed.
             await self.statesync.start()
         await self.pod_metrics.start()
-        await self.kv_capacity.start()
         host, port = split_hostport(self.cfg.grpc_listen, "grpc_listen")
         self.grpc_port = await self.grpc.start(host, port)
         app = build_http_app(self.registry, lambda: models_list(self.router), self.is_ready,
@@ -228,7 +216,6 @@ class RouterProcess:
             await self._http_runner.cleanup()
         await self.discovery.stop()
         await self.pod_metrics.stop()
-        await self.kv_capacity.stop()
         await self.service.prefill.close()
         if self.redis is not None:
             await self.redis.close()

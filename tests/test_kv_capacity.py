@@ -192,7 +192,7 @@ async def test_serve_keeps_prefix_cache_kv_capacity(tmp_path: Path) -> None:
         async with router_over(pod_file) as proc:
             strategy = prefix_strategy(proc)
             a, b = "default/pod-a", "default/pod-b"
-            # Both are scraped once ready, long before the 15 s interval.
+            # Both are scraped as soon as they are ready.
             await wait_for(lambda: strategy.kv_capacity == {a: 4096.0, b: 992.0}, 5, "both capacities")
             # The 100 ms engine scrape covers combined pods too: their waiting queues reach the cost guard.
             await wait_for(lambda: strategy.engine_waiting.keys() == {a, b}, 5, "engine waiting of both pods")
@@ -204,7 +204,7 @@ async def test_serve_keeps_prefix_cache_kv_capacity(tmp_path: Path) -> None:
 
             # pod-b stops answering: a failed scrape keeps what was known.
             await sims["pod-b"].stop()
-            result = await proc.kv_capacity.scrape_once()
+            result = await proc.pod_metrics.scrape_once()
             assert b not in result
             assert strategy.kv_capacity[b] == 992.0
 
@@ -213,7 +213,7 @@ async def test_serve_keeps_prefix_cache_kv_capacity(tmp_path: Path) -> None:
             write_pod_file(pod_file, sims)
             await wait_for(lambda: b not in strategy.kv_capacity, 5, "pod-b dropped")
             assert strategy.kv_capacity == {a: 4096.0, "default/pod-c": 2048.0}
-            await proc.kv_capacity.scrape_once()  # and a later round does not bring it back
+            await proc.pod_metrics.scrape_once()  # and a later round does not bring it back
             assert b not in strategy.kv_capacity
 
 
