@@ -30,8 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from envoyconfig.render import render_bootstrap  # noqa: E402
-from envoyconfig.values import load_values  # noqa: E402
+from extproc_router.envoyconfig.render import render_bootstrap  # noqa: E402
+from extproc_router.envoyconfig.values import load_values  # noqa: E402
 from extproc_router.stack import envoy_binary, free_port, wait_http  # noqa: E402
 
 MODEL = "bench-model"

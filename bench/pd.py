@@ -232,9 +232,9 @@ def arm_extras(records: list[Any]) -> dict[str, Any]:
 def run_quality(args: argparse.Namespace, stack: LocalStack, bootstrap: dict[str, int], arms: list[str],
                 per_arm_cap: float, grace: float, deadline: float, notes: list[str]) -> dict[str, Any]:
     """Run the arms one after another; an arm that would end after `deadline` (monotonic) is skipped."""
-    from loadtest.report import build_report, write_report
-    from loadtest.runner import Arm, ArmResult, Progress, RunSettings, run_arm
-    from loadtest.workloads import WorkloadSpec
+    from extproc_router.loadtest.report import build_report, write_report
+    from extproc_router.loadtest.runner import Arm, ArmResult, Progress, RunSettings, run_arm
+    from extproc_router.loadtest.workloads import WorkloadSpec
 
     pods = quality_pods(stack)
     spec = WorkloadSpec(name="random", path="chat", seed=args.seed,
@@ -319,7 +319,7 @@ def _has_matplotlib() -> bool:
 
 
 def hop_body(model: str, tokens: int, seed: int) -> bytes:
-    from loadtest.workloads import word_text
+    from extproc_router.loadtest.workloads import word_text
 
     text = word_text(random.Random(f"hop:{seed}:{tokens}"), tokens)
     return json.dumps({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 1}).encode()

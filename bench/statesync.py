@@ -56,11 +56,11 @@ import orjson  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from extproc_router.loadtest.oracle import Oracle, load_tokenizer  # noqa: E402
+from extproc_router.loadtest.report import summarize  # noqa: E402
+from extproc_router.loadtest.runner import Arm, ArmResult, RunSettings, run_arm  # noqa: E402
+from extproc_router.loadtest.workloads import WorkloadSpec  # noqa: E402
 from extproc_router.stack import LocalStack, StackOptions  # noqa: E402
-from loadtest.oracle import Oracle, load_tokenizer  # noqa: E402
-from loadtest.report import summarize  # noqa: E402
-from loadtest.runner import Arm, ArmResult, RunSettings, run_arm  # noqa: E402
-from loadtest.workloads import WorkloadSpec  # noqa: E402
 from routing.pods import Pod  # noqa: E402
 from routing.prefix_index import PrefixIndex  # noqa: E402
 from routing.request import CHAT_PATH, parse_body  # noqa: E402

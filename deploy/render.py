@@ -40,7 +40,7 @@ def envoy_config(args: list[str]) -> str:
     """What `extproc-router envoy-config ARGS` prints."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from envoyconfig.cli import main
+    from extproc_router.envoyconfig.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -30,9 +30,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from ext_proc import messages as msgs
 from ext_proc.metrics import RouterMetrics
 from ext_proc.prefill import FORWARDED_HEADERS, PrefillClient, PrefillError
-from ratelimit.limits import LocalLimiter, UserLimits, Verdict
-from ratelimit.redis_limiter import RedisLimiter
-from ratelimit.usage import UsageScanner
+from extproc_router.ratelimit.limits import LocalLimiter, UserLimits, Verdict
+from extproc_router.ratelimit.redis_limiter import RedisLimiter
+from extproc_router.ratelimit.usage import UsageScanner
 from routing.errors import RoutingError
 from routing.profiles import ProfileCache
 from routing.request import ROUTED_PATHS, RoutingRequest, parse_body

@@ -43,8 +43,11 @@ PD_CURL = """\
 
 def setup_logging(level: str) -> None:
     lvl = getattr(logging, level.upper(), logging.INFO)
-    if sys.stderr.isatty():
+    try:  # rich comes with the [bench] extra; a bare router install logs plain lines
         from rich.logging import RichHandler
+    except ImportError:
+        RichHandler = None
+    if sys.stderr.isatty() and RichHandler is not None:
         logging.basicConfig(level=lvl, format="%(message)s", datefmt="%H:%M:%S",
                             handlers=[RichHandler(show_path=False, rich_tracebacks=True)])
     else:
@@ -67,8 +70,8 @@ def _non_negative_seconds(text: str) -> float:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from discovery.static_file import DiscoveryError, read_pod_file
     from extproc_router.config import ConfigError, build_config
+    from extproc_router.discovery.static_file import DiscoveryError, read_pod_file
     from extproc_router.serve import serve
 
     setup_logging(args.log_level or os.environ.get("EXTPROC_ROUTER_LOG_LEVEL", "info"))
@@ -90,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.discovery == "kubernetes":
         from functools import partial
 
-        from discovery.kubernetes import KubernetesDiscovery
+        from extproc_router.discovery.kubernetes import KubernetesDiscovery
         make_discovery = partial(KubernetesDiscovery, namespaces=tuple(args.namespace or ()))
     _install_uvloop()
     return asyncio.run(serve(cfg, make_discovery, drain_delay=args.drain_delay))
@@ -210,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-port", type=int, default=6379, help="port of the local redis-server (with --redis)")
     p.set_defaults(func=cmd_up)
 
-    from envoyconfig.cli import register as register_envoy_config
-    from loadtest.cli import register as register_loadtest
-    from simulator.cli import register as register_sim
+    from extproc_router.envoyconfig.cli import register as register_envoy_config
+    from extproc_router.loadtest.cli import register as register_loadtest
+    from extproc_router.simulator.cli import register as register_sim
     register_sim(sub)
     register_envoy_config(sub)
     register_loadtest(sub)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from extproc_router.config import ConfigError
-from ratelimit.limits import UserLimits
+from extproc_router.ratelimit.limits import UserLimits
 
 ENV_API_KEY = "AIBRIX_AUTH_BEARER_TOKEN"
 

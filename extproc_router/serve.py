@@ -14,9 +14,6 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from discovery.manager import FileDiscovery
-from discovery.pod_metrics import PodMetrics, PodMetricsScraper
-from discovery.static_file import DiscoveryError, PodFile, read_pod_file
 from ext_proc.h2grpc import GrpcServer
 from ext_proc.health import HEALTH_CHECK_PATH, HealthHandler
 from ext_proc.http_app import build_http_app
@@ -24,6 +21,9 @@ from ext_proc.metrics import PrefixCacheCollector, RouterMetrics, RouterStateCol
 from ext_proc.prefill import PrefillClient
 from ext_proc.service import PROCESS_PATH, ExtProcService, ServiceSettings, models_list
 from extproc_router.config import ConfigError, RouterConfig, split_hostport
+from extproc_router.discovery.manager import FileDiscovery
+from extproc_router.discovery.pod_metrics import PodMetrics, PodMetricsScraper
+from extproc_router.discovery.static_file import DiscoveryError, PodFile, read_pod_file
 from extproc_router.policy import parse_api_keys, parse_users
 from routing.block_hash import DEFAULT_HASH_SEED
 from routing.pods import PodSnapshot
@@ -103,8 +103,8 @@ class RouterProcess:
         self.redis = None
         limiter = None
         if cfg.redis_host:
-            from ratelimit.redis_limiter import RedisLimiter
-            from ratelimit.resp import PipelinedRedis
+            from extproc_router.ratelimit.redis_limiter import RedisLimiter
+            from extproc_router.resp import PipelinedRedis
             self.redis = PipelinedRedis(cfg.redis_host, cfg.redis_port, password=cfg.redis_password,
                                         tls=cfg.redis_tls, timeout=1.0)
             limiter = RedisLimiter(self.redis, on_error=lambda op: self.metrics.ratelimit_errors.labels(op).inc())

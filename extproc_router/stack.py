@@ -247,12 +247,12 @@ class LocalStack:
         return self._values().max_body_bytes
 
     def _values(self):
-        from envoyconfig.render import load_values
+        from extproc_router.envoyconfig.render import load_values
         data = yaml.safe_load(Path(self.opts.values_file).read_text()) if self.opts.values_file else None
         return load_values(data)
 
     def start_envoy(self) -> None:
-        from envoyconfig.render import render_bootstrap
+        from extproc_router.envoyconfig.render import render_bootstrap
         o = self.opts
         cfg = render_bootstrap(self._values(), listen_host=o.listen_host, listen_port=o.listen_port,
                                admin_port=o.admin_port,

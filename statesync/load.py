@@ -17,7 +17,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from ratelimit.resp import PipelinedRedis
+from extproc_router.resp import PipelinedRedis
 from routing.load import LoadTracker
 from statesync.codec import DecodeError, decode_load, encode_load
 from statesync.keys import KeyLayout

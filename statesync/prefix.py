@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ratelimit.resp import PipelinedRedis, RespError
+from extproc_router.resp import PipelinedRedis, RespError
 from routing.prefix_index import PrefixIndex
 from statesync.codec import (
     FOREIGN,

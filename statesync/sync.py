@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from ratelimit.resp import PipelinedRedis
+from extproc_router.resp import PipelinedRedis
 from routing.load import LoadTracker
 from routing.pods import PodSnapshot
 from routing.prefix_index import PrefixIndex

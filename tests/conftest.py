@@ -73,7 +73,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @asynccontextmanager
 async def running_sims(defaults: dict[str, Any]) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     """A starter of in-process simulated pods (`defaults` plus per-call overrides); all stopped on exit."""
-    from simulator.server import SimConfig, SimServer, start_sim
+    from extproc_router.simulator.server import SimConfig, SimServer, start_sim
 
     servers: list[SimServer] = []
 

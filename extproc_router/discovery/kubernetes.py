@@ -1,0 +1,376 @@
+"""Pod discovery from the Kubernetes API: list + watch the pods labelled `model.aibrix.ai/name`.
+
+What is tracked and when a pod is routable follows the reference gateway (its pod informer):
+
+* pods with the label `model.aibrix.ai/name` (the model they serve), cluster-wide or in the named
+  namespaces; `ray.io/node-type=worker` pods and `stormservice.orchestration.aibrix.ai/pod-group-index`
+  above 0 are skipped (only the group leader serves);
+* routable when the pod has an IP, its `Ready` condition is True and it is not terminating
+  (`metadata.deletionTimestamp` is set as soon as a delete starts, before the containers stop);
+* port from the label `model.aibrix.ai/port` (default 8000), roles from `role-name` / `roleset-name`,
+  the model's profiles from the annotation `model.aibrix.ai/config` (read by PodSnapshot.build).
+
+Readiness comes from the pod's `Ready` condition alone, not from HTTP probes of our own: the kubelet
+already runs the pod's readiness probe, the reference gateway trusts the same condition, and probing
+every pod from every router replica would multiply that load for no new information.
+
+The watch is an informer in miniature: LIST (paginated) gives the full set and a resourceVersion,
+WATCH from there streams ADDED / MODIFIED / DELETED / BOOKMARK events as JSON lines. A watch that ends
+(server timeout) resumes from the last resourceVersion seen, bookmarks included, so it replays
+nothing. A 410 Gone (the version fell out of the API server's history: HTTP status or an ERROR event)
+triggers a fresh LIST that replaces the whole set, so deletions missed in the gap are not kept.
+Other failures retry with exponential backoff; the last good pod set stays in service meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+
+from extproc_router.discovery.static_file import DEFAULT_POD_PORT, DiscoveryError
+from routing.pods import LABEL_MODEL, LABEL_PORT, Pod, PodSnapshot
+
+if TYPE_CHECKING:
+    from kubernetes_asyncio.client import ApiClient, CoreV1Api
+
+log = logging.getLogger("extproc_router.discovery.kubernetes")
+
+LABEL_RAY_NODE_TYPE = "ray.io/node-type"
+LABEL_POD_GROUP_INDEX = "stormservice.orchestration.aibrix.ai/pod-group-index"
+LIST_PAGE_SIZE = 500
+_GONE = 410
+
+
+class ResourceExpired(Exception):
+    """410 Gone: the resourceVersion (or list continue token) is no longer in the API server's history."""
+
+
+class ApiFailure(Exception):
+    """The API server answered a list or watch with an error status (e.g. 403 when RBAC is missing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedPod:
+    """What discovery keeps of one model pod."""
+
+    model: str
+    pod: Pod | None  # None until the pod has an IP: the model is known, but nothing can be routed to
+    routable: bool
+    reason: str  # why it is not routable ("" when it is); for the logs
+
+
+def _is_ready(status: Mapping[str, Any]) -> bool:
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "Ready":
+            return cond.get("status") == "True"
+    return False
+
+
+def _skipped(labels: Mapping[str, str]) -> bool:
+    if labels.get(LABEL_RAY_NODE_TYPE) == "worker":
+        return True
+    index = labels.get(LABEL_POD_GROUP_INDEX)
+    return index is not None and index.strip() not in ("", "0")
+
+
+def pod_from_object(obj: Mapping[str, Any]) -> TrackedPod | None:
+    """Translate one Pod object (API JSON); None when it is not a model pod the gateway routes to."""
+    meta = obj.get("metadata") or {}
+    labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+    model = labels.get(LABEL_MODEL)
+    if not model or _skipped(labels):
+        return None
+    name = str(meta.get("name") or "")
+    namespace = str(meta.get("namespace") or "default")
+    port_text = labels.get(LABEL_PORT, str(DEFAULT_POD_PORT))
+    try:
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError
+    except ValueError:
+        log.warning("pod %s/%s: label %s=%r is not a port; not routing to it", namespace, name, LABEL_PORT,
+                    port_text)
+        return TrackedPod(model, None, False, f"bad {LABEL_PORT}")
+    status = obj.get("status") or {}
+    ip_text = status.get("podIP")
+    if not ip_text:
+        return TrackedPod(model, None, False, "no IP yet")
+    try:
+        ip = ipaddress.ip_address(ip_text)
+    except ValueError:
+        return TrackedPod(model, None, False, f"bad podIP {ip_text!r}")
+    address = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    annotations = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()}
+    pod = Pod(name=name, address=address, model=model, namespace=namespace, labels=labels, annotations=annotations)
+    if meta.get("deletionTimestamp"):
+        return TrackedPod(model, pod, False, "terminating")
+    if not _is_ready(status):
+        return TrackedPod(model, pod, False, "not Ready")
+    return TrackedPod(model, pod, True, "")
+
+
+def _object_key(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace') or 'default'}/{meta.get('name') or ''}"
+
+
+def _resource_version(obj: Mapping[str, Any]) -> str | None:
+    return (obj.get("metadata") or {}).get("resourceVersion") or None
+
+
+async def _json_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Split a watch body into lines without aiohttp's line-length cap (a pod can exceed 128 KiB)."""
+    buf = b""
+    async for chunk in resp.content.iter_any():
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield line
+    if buf.strip():
+        yield buf
+
+
+def _status_message(body: bytes) -> str:
+    try:
+        status = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:200].decode("utf-8", "replace")
+    return str(status.get("message") or status.get("reason") or status) if isinstance(status, dict) else str(status)
+
+
+class PodWatch:
+    """The list/watch loop of one scope (one namespace, or all of them when `namespace` is None)."""
+
+    def __init__(self, api: CoreV1Api, namespace: str | None, on_change: Callable[[], None], *,
+                 watch_timeout: Callable[[], int], backoff: tuple[float, float]) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.pods: dict[str, TrackedPod] = {}
+        self.resource_version: str | None = None
+        self.synced = asyncio.Event()  # set after the first successful LIST
+        self._on_change = on_change
+        self._watch_timeout = watch_timeout
+        self._backoff = backoff
+
+    @property
+    def scope(self) -> str:
+        return f"namespace {self.namespace}" if self.namespace else "all namespaces"
+
+    async def run(self) -> None:
+        """List, then watch, forever; only cancellation stops it."""
+        delay = self._backoff[0]
+        while True:
+            try:
+                if self.resource_version is None:
+                    await self.relist()
+                await self.watch_once()
+                delay = self._backoff[0]
+            except ResourceExpired:
+                log.info("pod watch (%s): resourceVersion %s expired (410 Gone); listing again", self.scope,
+                         self.resource_version)
+                self.resource_version = None
+            except Exception as exc:  # the loop must outlive any failure: keep the last pods, retry
+                log.warning("pod watch (%s) failed: %s; retrying in %.1fs", self.scope,
+                            str(exc) or type(exc).__name__, delay)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: replicas must not retry in step
+                delay = min(delay * 2, self._backoff[1])
+
+    async def _call(self, **kwargs: Any) -> aiohttp.ClientResponse:
+        """GET the pods collection. `_preload_content=False` hands back the raw aiohttp response: the
+        body is parsed here (a watch is a stream of lines) and error statuses are not raised."""
+        kwargs.update(label_selector=LABEL_MODEL, _preload_content=False)
+        if self.namespace is None:
+            return await self.api.list_pod_for_all_namespaces(**kwargs)
+        return await self.api.list_namespaced_pod(self.namespace, **kwargs)
+
+    async def relist(self) -> None:
+        """LIST every matching pod (page by page) and replace the tracked set with the result."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        version: str | None = None
+        while True:
+            extra: dict[str, Any] = {"limit": LIST_PAGE_SIZE, "_request_timeout": 60}
+            if token:
+                extra["_continue"] = token
+            resp = await self._call(**extra)
+            try:
+                body = await resp.read()
+            finally:
+                resp.release()
+            if resp.status == _GONE:  # the continue token expired mid-way: start over
+                raise ResourceExpired
+            if resp.status != 200:
+                raise ApiFailure(f"list pods: HTTP {resp.status}: {_status_message(body)}")
+            page = orjson.loads(body)
+            items.extend(page.get("items") or ())
+            meta = page.get("metadata") or {}
+            version = version or meta.get("resourceVersion")
+            token = meta.get("continue")
+            if not token:
+                break
+        new: dict[str, TrackedPod] = {}
+        for obj in items:
+            tracked = pod_from_object(obj)
+            if tracked is not None:
+                new[_object_key(obj)] = tracked
+        added, removed = new.keys() - self.pods.keys(), self.pods.keys() - new.keys()
+        self.pods = new
+        self.resource_version = version
+        log.info("pod list (%s): %d model pods, %d routable (+%d -%d) at resourceVersion %s", self.scope,
+                 len(new), sum(t.routable for t in new.values()), len(added), len(removed), version)
+        self.synced.set()
+        self._on_change()
+
+    async def watch_once(self) -> None:
+        """One WATCH request from `resource_version`, applied event by event until the server ends it."""
+        timeout = self._watch_timeout()
+        resp = await self._call(
+            watch=True, resource_version=self.resource_version, allow_watch_bookmarks=True,
+            timeout_seconds=timeout,
+            # The server ends the watch after `timeout`; the read timeout only catches a silent dead peer.
+            _request_timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout + 30))
+        try:
+            if resp.status == _GONE:
+                raise ResourceExpired
+            if resp.status != 200:
+                raise ApiFailure(f"watch pods: HTTP {resp.status}: {_status_message(await resp.read())}")
+            async for line in _json_lines(resp):
+                self._apply(orjson.loads(line))
+        finally:
+            resp.release()
+
+    def _apply(self, event: Mapping[str, Any]) -> None:
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == _GONE:
+                raise ResourceExpired
+            raise ApiFailure(f"watch error event: {obj.get('code')} {obj.get('message')}")
+        self.resource_version = _resource_version(obj) or self.resource_version
+        if kind == "BOOKMARK":
+            return
+        key = _object_key(obj)
+        before = self.pods.get(key)
+        after = pod_from_object(obj) if kind in ("ADDED", "MODIFIED") else None
+        if after is None:
+            self.pods.pop(key, None)
+        else:
+            self.pods[key] = after
+        if before != after:
+            _log_transition(key, before, after)
+            self._on_change()
+
+
+def _log_transition(key: str, before: TrackedPod | None, after: TrackedPod | None) -> None:
+    if after is None:
+        log.info("pod %s removed", key)
+        return
+    was = before.routable if before else False
+    where = after.pod.address if after.pod else "-"
+    if after.routable and not was:
+        log.info("pod %s (%s, model %s) is routable", key, where, after.model)
+    elif was and not after.routable:
+        log.info("pod %s (%s) is no longer routable: %s", key, where, after.reason)
+
+
+async def load_api_client(kubeconfig: str | None = None) -> ApiClient:
+    """An API client from the in-cluster service account, else from the kubeconfig (`kubeconfig`,
+    else $KUBECONFIG, else ~/.kube/config). Raises DiscoveryError when neither is usable."""
+    from kubernetes_asyncio.client import ApiClient, Configuration
+    from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
+
+    conf = Configuration()
+    if kubeconfig is None:
+        with contextlib.suppress(ConfigException):
+            load_incluster_config(client_configuration=conf)
+            return ApiClient(configuration=conf)
+    try:
+        await load_kube_config(config_file=kubeconfig, client_configuration=conf)
+    except (ConfigException, OSError) as exc:
+        raise DiscoveryError(f"kubernetes discovery: not running in a pod and no usable kubeconfig "
+                             f"({exc}); set KUBECONFIG") from None
+    return ApiClient(configuration=conf)
+
+
+def _default_watch_timeout() -> int:
+    # As client-go's reflector: spread reconnects of many replicas over 5-10 minutes.
+    return random.randint(300, 600)
+
+
+class KubernetesDiscovery:
+    """Publishes a PodSnapshot whenever the routable view of the watched pods changes.
+
+    Same contract as FileDiscovery: `publish` gets every new snapshot, `ready` turns True once
+    every namespace has been listed, `start()` / `stop()`.
+    """
+
+    def __init__(self, publish: Callable[[PodSnapshot], None], *, namespaces: Iterable[str] = (),
+                 kubeconfig: str | None = None, watch_timeout: Callable[[], int] = _default_watch_timeout,
+                 backoff: tuple[float, float] = (0.5, 30.0), initial_sync_timeout: float = 10.0) -> None:
+        self._publish = publish
+        self.namespaces: Sequence[str] = tuple(dict.fromkeys(namespaces))  # () = cluster-wide
+        self.kubeconfig = kubeconfig
+        self._watch_timeout = watch_timeout
+        self._backoff = backoff
+        self._initial_sync_timeout = initial_sync_timeout
+        self._api_client: ApiClient | None = None
+        self._watches: list[PodWatch] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_view: tuple[Any, ...] | None = None
+        self._version = 0
+        self.ready = False
+
+    async def start(self) -> None:
+        """Connect and wait (up to `initial_sync_timeout`) for the first list of every namespace.
+
+        An unreachable API server does not stop the router: it stays not ready and keeps retrying.
+        A missing configuration raises DiscoveryError.
+        """
+        from kubernetes_asyncio.client import CoreV1Api
+
+        self._api_client = await load_api_client(self.kubeconfig)
+        api = CoreV1Api(self._api_client)
+        scopes: Sequence[str | None] = self.namespaces or (None,)
+        self._watches = [PodWatch(api, ns, self._changed, watch_timeout=self._watch_timeout, backoff=self._backoff)
+                         for ns in scopes]
+        self._tasks = [asyncio.create_task(w.run(), name=f"pod-watch-{w.namespace or '*'}") for w in self._watches]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(w.synced.wait() for w in self._watches)),
+                                   self._initial_sync_timeout)
+        except TimeoutError:
+            log.warning("kubernetes discovery: no pod list after %.0fs; not ready until the API server answers",
+                        self._initial_sync_timeout)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._api_client is not None:
+            await self._api_client.close()
+            self._api_client = None
+
+    def _changed(self) -> None:
+        tracked = [t for w in self._watches for t in w.pods.values()]
+        pods = sorted((t.pod for t in tracked if t.pod is not None), key=lambda p: p.key)
+        ready = frozenset(t.pod.key for t in tracked if t.routable and t.pod is not None)
+        models = frozenset(t.model for t in tracked)
+        view = (tuple(pods), ready, models)
+        if not self.ready and all(w.synced.is_set() for w in self._watches):
+            self.ready = True
+        if view == self._last_view:
+            return  # e.g. a status update that changes nothing the router reads
+        self._last_view = view
+        self._version += 1
+        # Every model with a tracked pod is listed, even with no IP yet: its requests get 503, not 404.
+        self._publish(PodSnapshot.build(pods, set(ready), dict.fromkeys(models), self._version))

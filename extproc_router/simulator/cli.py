@@ -1,0 +1,350 @@
+"""Command line of the simulated model pod: ``extproc-router sim`` (or ``python -m extproc_router.simulator``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+from extproc_router.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
+from extproc_router.simulator.config import DEFAULT_BOOTSTRAP_PORT, ROLES, SimConfig
+
+log = logging.getLogger("simulator")
+
+EXIT_DIED = 3
+"""Exit code after ``--die-after`` requests, distinct from a crash (1) and a usage error (2)."""
+
+DESCRIPTION = """\
+Run a simulated vLLM model pod: an OpenAI-compatible HTTP server (/v1/chat/completions,
+/v1/completions, /v1/models, /health, /metrics with vLLM metric names) that answers with
+deterministic filler text at a configurable pace, without a GPU. Fault switches make it fail,
+hang, report unhealthy or exit, for testing a gateway. At runtime, POST /sim/faults with
+{"fail_every": N, "stall": bool, "unhealthy": bool} flips faults, GET /sim/stats returns
+request and engine counters, and POST /sim/reset flushes the prefix cache and zeroes the
+counters (a cold start without a restart). Every response carries the header x-sim-pod: <pod name>.
+
+Two timing modes. --timing fixed (the default): every request gets --ttft-ms to its first token
+and --itl-ms between the others, whatever the load. --timing model: prompts are tokenized
+(--tokenizer) and cut into --block-size blocks held in a prefix-caching KV cache of
+--kv-capacity-tokens (LRU eviction; running requests pin their blocks; requests wait when no
+blocks are free), and a continuous-batching step loop of up to --max-num-seqs sequences sets the
+pace: prefill costs uncached prompt tokens / --prefill-tokens-per-s, a decode step costs
+--decode-step-ms + --decode-ms-per-seq x running sequences, and a step carrying prefill work slows
+every sequence in it. usage.prompt_tokens_details.cached_tokens and vllm:prefix_cache_* report the
+cache hits. The model defaults approximate an 8B model on one H100 under vLLM, except the KV
+capacity, kept ~1/7 of an H100's (~450k tokens) so that benchmarks overflowing one pod stay small.
+
+Prefill/decode disaggregation (--role). A prefill pod given kv_transfer_params.do_remote_decode
+(vLLM style) runs the prefill only, pins the prompt's KV blocks for --kv-hold-seconds and answers
+with kv_transfer_params {do_remote_prefill, remote_engine_id, remote_block_ids, remote_host,
+remote_port, tp_size} for the decode pod. A decode pod given them skips the prefill (the KV arrives
+at --kv-transfer-ms-per-1k-tokens) and then tells the prefill pod (POST /sim/kv/release) to unpin.
+SGLang style: both pods get bootstrap_host/bootstrap_port/bootstrap_room; the prefill pod files
+its KV under the room, the decode pod waits for it (GET <bootstrap_host>:<bootstrap_port>
+/sim/kv/room/<room>, answered on the prefill pod's --bootstrap-port and on its HTTP port) for at
+most --bootstrap-timeout-s, then 503. Without transfer fields any role serves a request whole.
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults (except empty ones) and keeps the description's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool):  # switches speak for themselves
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``sim`` subcommand to a parent command's subparsers."""
+    parser = subparsers.add_parser(
+        "sim",
+        help="run a simulated vLLM model pod (OpenAI-compatible, no GPU)",
+        description=DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every simulator option to ``parser``."""
+    net = parser.add_argument_group("serving")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    net.add_argument("--port", type=non_negative_int, default=8000, help="port to listen on (0: any free port)")
+    net.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        default=None,
+        help="served model name; repeat or comma-separate for several (default: sim-model)",
+    )
+    net.add_argument("--pod-name", help="name sent in the x-sim-pod header (default: <hostname>-<port>)")
+    net.add_argument(
+        "--shutdown-grace-s",
+        type=non_negative_float,
+        default=5.0,
+        help="on SIGINT/SIGTERM, seconds in-flight requests get to finish",
+    )
+    net.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
+
+    timing = parser.add_argument_group("timing")
+    timing.add_argument(
+        "--timing",
+        choices=["fixed", "model"],
+        default="fixed",
+        help="fixed: constant --ttft-ms/--itl-ms; model: KV cache + continuous batching (options below)",
+    )
+    timing.add_argument("--ttft-ms", type=non_negative_float, default=20.0, help="time to first token (fixed)")
+    timing.add_argument("--itl-ms", type=non_negative_float, default=5.0, help="time between later tokens (fixed)")
+    timing.add_argument(
+        "--output-tokens",
+        type=positive_int,
+        default=16,
+        help="completion length when the request sets no max_tokens",
+    )
+    timing.add_argument(
+        "--max-output-tokens",
+        type=positive_int,
+        default=256,
+        help="completion length cap: with max_tokens, min(max_tokens, this) tokens are produced",
+    )
+    timing.add_argument(
+        "--latency-jitter",
+        type=non_negative_float,
+        default=0.0,
+        help="scale each delay (fixed) or step time (model) by a random factor in [1-J, 1+J]",
+    )
+    timing.add_argument("--seed", type=int, default=0, help="seed of the jitter random generator")
+    timing.add_argument(
+        "--max-num-seqs",
+        type=positive_int,
+        default=256,
+        help="sequences generating at once; later requests wait (vllm:num_requests_waiting)",
+    )
+    timing.add_argument(
+        "--kv-capacity-tokens",
+        type=positive_int,
+        default=65536,
+        help="KV-cache size in tokens. model: the prefix cache's capacity, also the longest prompt + output "
+        "accepted (an H100 holds ~450k tokens of an 8B model; the default is smaller so that benchmarks "
+        "overflowing one pod stay quick); fixed: running tokens / this = vllm:gpu_cache_usage_perc",
+    )
+
+    model = parser.add_argument_group("model timing (--timing model)")
+    model.add_argument(
+        "--tokenizer",
+        choices=["cl100k", "bytes"],
+        default="cl100k",
+        help="cl100k: exact OpenAI cl100k ids (usage.prompt_tokens as OpenAI counts); bytes: one token per "
+        "UTF-8 byte, cheaper",
+    )
+    model.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV-cache block")
+    model.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="never reuse cached prompt blocks (vLLM without --enable-prefix-caching)",
+    )
+    model.add_argument(
+        "--max-num-batched-tokens",
+        type=non_negative_int,
+        default=8192,
+        help="tokens one step may compute (decodes + prefill chunks); longer prompts are prefilled in chunks "
+        "over several steps; 0: unlimited, no chunked prefill (8192 is vLLM's OpenAI-server default on H100)",
+    )
+    model.add_argument(
+        "--prefill-tokens-per-s",
+        type=positive_float,
+        default=12000.0,
+        help="prefill speed for uncached prompt tokens (8B on H100: 16 GFLOP/token at ~20%% of 989 TFLOPS)",
+    )
+    model.add_argument(
+        "--decode-step-ms",
+        type=non_negative_float,
+        default=8.0,
+        help="fixed cost of every step (8B on H100: 16 GB of weights read at 3.35 TB/s plus overheads)",
+    )
+    model.add_argument(
+        "--decode-ms-per-seq",
+        type=non_negative_float,
+        default=0.08,
+        help="added step time per decoding sequence (its KV read: ~2k tokens x 128 KiB at 3.35 TB/s)",
+    )
+    model.add_argument(
+        "--kv-transfer-ms-per-1k-tokens",
+        type=non_negative_float,
+        default=3.0,
+        help="time to receive 1k prompt tokens of KV computed by another pod (128 MiB over a 400 Gb/s NIC); "
+        "for prefill/decode disaggregation",
+    )
+
+    pd = parser.add_argument_group("prefill/decode disaggregation")
+    pd.add_argument(
+        "--role",
+        choices=ROLES,
+        default="combined",
+        help="combined: ignore transfer fields; prefill: run prefill-only requests and hold their KV for the "
+        "decode pod; decode: take KV from a prefill pod instead of computing it",
+    )
+    pd.add_argument(
+        "--kv-hold-seconds",
+        type=non_negative_float,
+        default=30.0,
+        help="how long a prefill pod pins a finished prefill's KV blocks unless the decode pod releases them "
+        "sooner (model timing; 0: not at all)",
+    )
+    pd.add_argument(
+        "--bootstrap-port",
+        type=non_negative_int,
+        default=None,
+        help=f"port of the SGLang bootstrap listener answering room lookups (default: {DEFAULT_BOOTSTRAP_PORT} "
+        "with --role prefill, otherwise none; 0: none; the HTTP port answers them as well)",
+    )
+    pd.add_argument(
+        "--bootstrap-timeout-s",
+        type=non_negative_float,
+        default=10.0,
+        help="how long an SGLang-style decode request waits for its prefill's bootstrap room before a 503",
+    )
+
+    faults = parser.add_argument_group("faults")
+    faults.add_argument(
+        "--fail-every",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="answer every Nth completion request with a 500 error (0: never)",
+    )
+    faults.add_argument(
+        "--stall",
+        action="store_true",
+        help="accept completion requests but never answer them until the client gives up "
+        '(or POST /sim/faults {"stall": false} releases them)',
+    )
+    faults.add_argument(
+        "--die-after",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help=f"exit with code {EXIT_DIED} after N completion responses (0: never)",
+    )
+    faults.add_argument("--unhealthy", action="store_true", help="GET /health answers 503")
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    """Build the SimConfig that parsed ``args`` describe."""
+    models: list[str] = []
+    for value in args.model or ["sim-model"]:
+        models.extend(name.strip() for name in value.split(",") if name.strip())
+    bootstrap_port = args.bootstrap_port
+    if bootstrap_port is None:
+        bootstrap_port = DEFAULT_BOOTSTRAP_PORT if args.role == "prefill" else 0
+    return SimConfig(
+        models=list(dict.fromkeys(models)),
+        pod_name=args.pod_name,
+        ttft_ms=args.ttft_ms,
+        itl_ms=args.itl_ms,
+        output_tokens=args.output_tokens,
+        max_output_tokens=args.max_output_tokens,
+        latency_jitter=args.latency_jitter,
+        seed=args.seed,
+        max_num_seqs=args.max_num_seqs,
+        kv_capacity_tokens=args.kv_capacity_tokens,
+        timing=args.timing,
+        tokenizer=args.tokenizer,
+        block_size=args.block_size,
+        prefix_caching=args.prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_tokens_per_s=args.prefill_tokens_per_s,
+        decode_step_ms=args.decode_step_ms,
+        decode_ms_per_seq=args.decode_ms_per_seq,
+        kv_transfer_ms_per_1k_tokens=args.kv_transfer_ms_per_1k_tokens,
+        role=args.role,
+        kv_hold_seconds=args.kv_hold_seconds,
+        bootstrap_port=bootstrap_port or None,  # SimConfig: None is "no listener", 0 "any free port"
+        bootstrap_timeout_s=args.bootstrap_timeout_s,
+        fail_every=args.fail_every,
+        stall=args.stall,
+        die_after=args.die_after,
+        unhealthy=args.unhealthy,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM (exit code 0) or until ``--die-after`` is reached (exit code 3)."""
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    if not config.models:
+        log.error("--model names no model")
+        return 2
+    return _run_in_loop(_serve(config, args.host, args.port, args.shutdown_grace_s))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m extproc_router.simulator``: the ``sim`` options without a subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="python -m extproc_router.simulator",
+        description=DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+async def _serve(config: SimConfig, host: str, port: int, grace_s: float) -> int:
+    # Imported here so that building the CLI (e.g. `extproc-router --help`) does not load aiohttp.
+    from extproc_router.simulator.server import start_sim
+
+    try:
+        server = await start_sim(config, host, port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", host, port, exc)
+        return 1
+    log.info(
+        "sim pod=%s listening on %s models=%s role=%s%s",
+        server.pod_name,
+        server.url,
+        ",".join(server.models),
+        config.role,
+        f" bootstrap_port={server.bootstrap_port}" if server.bootstrap_port is not None else "",
+    )
+
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    waiters = {
+        loop.create_task(stop_requested.wait()),
+        loop.create_task(server.died.wait()),
+    }
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waiters:
+            task.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    if server.died.is_set():
+        log.warning(
+            "sim pod=%s: die-after %d reached, exiting with code %d", server.pod_name, config.die_after, EXIT_DIED
+        )
+        return EXIT_DIED
+    log.info("sim pod=%s: stopping (grace %.1f s)", server.pod_name, grace_s)
+    await server.stop(grace_s)
+    return 0
+
+
+def _run_in_loop(coro: Coroutine[Any, Any, int]) -> int:
+    loop_factory = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coro)
