@@ -4,23 +4,32 @@ With `replicas` > 1 several router processes sit behind the one Envoy (one ext_p
 endpoint each); with `redis` a local redis-server is started and the routers share routing state
 through it (`REDIS_HOST`, `AIBRIX_STATESYNC_ENABLED=true`): the seed's multi-replica setup on one
 machine. Tests start the same stack on free ports, so what a user runs is what is tested.
+
+With `supervise` (what `up` uses) a router process that exits is restarted like a supervisor would
+(systemd, Kubernetes): half a second after it exited, longer each time while it keeps dying soon
+after its start. Envoy's ext_proc health checks take it out of rotation meanwhile and back in once
+it answers SERVING again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 # `make run` ships demo-model with two profiles, so the seed's `config-profile: low-latency` request
 # shows a different strategy in its response headers than the default one.
@@ -104,6 +113,7 @@ class StackOptions:
     redis: bool = False  # start a local redis-server and turn statesync on for the routers
     redis_port: int = 6379
     free_ports: bool = False  # routers beyond the first (and Redis) get free ports too
+    supervise: bool = False  # restart a router that exits (with backoff) instead of leaving it dead
 
     @classmethod
     def on_free_ports(cls, **kw: object) -> StackOptions:
@@ -128,6 +138,135 @@ class RouterSpec:
         return f"http://127.0.0.1:{self.http_port}"
 
 
+class RestartBackoff:
+    """How long to wait before restarting a process that exited.
+
+    The first restart comes after `first` seconds; each further one that follows a short run doubles
+    the wait, up to `cap`, so a process that crashes at start-up does not spin. A process that ran
+    for `reset_after` seconds or more counts as healthy again: its next restart waits `first`.
+    """
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0, reset_after: float = 30.0) -> None:
+        self.first, self.cap, self.reset_after = first, cap, reset_after
+        self._next = first
+
+    def delay(self, uptime: float) -> float:
+        """The wait before the next restart of a process that exited after running `uptime` seconds."""
+        if uptime >= self.reset_after:
+            self._next = self.first
+        delay = self._next
+        self._next = min(self._next * 2, self.cap)
+        return delay
+
+
+def describe_exit(code: int) -> str:
+    """`2`, or `-9 (SIGKILL)` for a process a signal ended."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{code} ({signal.Signals(-code).name})"
+    return str(code)
+
+
+@dataclass
+class _Supervised:
+    backoff: RestartBackoff
+    started: float  # monotonic time of the current process's start
+    restart_at: float | None = None  # set while the process is dead and waits for its restart
+    exited_at: float = 0.0
+    restarts: int = 0
+    awaiting_ready: bool = False  # restarted, /ready not answered yet
+
+
+class RouterSupervisor:
+    """Restarts the stack's router processes when they exit; a background thread polls them.
+
+    A restarted router is only spawned here, not waited for: the thread keeps watching the other
+    replicas, and logs when the new process answers /ready (Envoy's health check puts it back in
+    rotation about then).
+    """
+
+    def __init__(self, stack: LocalStack, poll_interval: float = 0.1) -> None:
+        self.stack = stack
+        self.poll_interval = poll_interval
+        self._state = {r.name: self._new_state(r.name) for r in stack.routers}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="router-supervisor", daemon=True)
+
+    def _new_state(self, name: str) -> _Supervised:
+        return _Supervised(RestartBackoff(), started=self.stack.spawned_at.get(name, time.monotonic()))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop restarting (before the stack stops its processes); returns once the thread has ended."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def restarts(self, name: str) -> int:
+        """How many times router `name` was restarted."""
+        return self._state[name].restarts
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.poll_interval):
+            try:
+                self.check()
+            except Exception:  # a supervisor that dies silently is worse than a noisy one
+                log.exception("router supervisor: check failed; retrying")
+
+    def check(self) -> None:
+        """One pass over the routers: note exits, restart those whose delay is over, report readiness."""
+        for replica, spec in enumerate(self.stack.routers):
+            if self._stopping.is_set():
+                return
+            state = self._state.get(spec.name)
+            if state is None:  # a router added after the supervisor started
+                state = self._state[spec.name] = self._new_state(spec.name)
+            now = time.monotonic()
+            if state.restart_at is not None:
+                if now >= state.restart_at:
+                    self._restart(replica, spec, state)
+                continue
+            proc = self.stack.procs.get(spec.name)
+            if proc is None:
+                continue
+            code = proc.poll()
+            if code is None:
+                if state.awaiting_ready and self._ready(spec):
+                    state.awaiting_ready = False
+                    log.info("router replica %s is ready again, %.1f s after it exited", spec.name,
+                             now - state.exited_at)
+                continue
+            delay = state.backoff.delay(now - state.started)
+            state.exited_at, state.restart_at, state.awaiting_ready = now, now + delay, False
+            log.warning("router replica %s (pid %d) exited with code %s after %.1f s; it is restarted in %.1f s "
+                        "(see %s)", spec.name, proc.pid, describe_exit(code), now - state.started, delay,
+                        self.stack.run_dir / f"{spec.name}.log")
+
+    def _restart(self, replica: int, spec: RouterSpec, state: _Supervised) -> None:
+        state.restart_at = None
+        try:
+            proc = self.stack.spawn_router(replica)
+        except OSError as exc:
+            delay = state.backoff.delay(0.0)
+            state.restart_at = time.monotonic() + delay
+            log.error("router replica %s could not be restarted (%s); retrying in %.1f s", spec.name, exc, delay)
+            return
+        state.started = self.stack.spawned_at[spec.name]
+        state.restarts += 1
+        state.awaiting_ready = True
+        log.warning("router replica %s restarted (pid %d, restart %d)", spec.name, proc.pid, state.restarts)
+
+    @staticmethod
+    def _ready(spec: RouterSpec) -> bool:
+        try:
+            with urllib.request.urlopen(f"{spec.http_url}/ready", timeout=0.5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+
 class LocalStack:
     """Starts and stops the processes; every child is stopped on `stop()`, whatever state it is in."""
 
@@ -135,6 +274,7 @@ class LocalStack:
         self.opts = opts
         self.run_dir = Path(opts.run_dir)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.spawned_at: dict[str, float] = {}  # monotonic start time of each name's current process
         self.pods: list[PodSpec] = []
         for i in range(opts.pods):
             port = opts.first_pod_port + i if opts.first_pod_port else free_port()
@@ -152,6 +292,7 @@ class LocalStack:
         self.redis_port = (free_port() if opts.free_ports else opts.redis_port) if opts.redis else None
         self.pod_file = self.run_dir / "gateway.yaml"
         self.envoy_file = self.run_dir / "envoy.yaml"
+        self.supervisor: RouterSupervisor | None = None
 
     # -- addresses ---------------------------------------------------------------------------
     @property
@@ -176,6 +317,7 @@ class LocalStack:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
         log.close()
         self.procs[name] = proc
+        self.spawned_at[name] = time.monotonic()
         return proc
 
     def start_pod(self, pod: PodSpec) -> None:
@@ -208,15 +350,20 @@ class LocalStack:
             env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(self.redis_port), AIBRIX_STATESYNC_ENABLED="true")
         return {**env, **self.opts.router_env}
 
-    def start_router(self, replica: int = 0) -> None:
-        """Start router `replica` (0 = the first) and wait until it is ready."""
+    def spawn_router(self, replica: int = 0) -> subprocess.Popen:
+        """Start router `replica` (0 = the first) without waiting for it."""
         o = self.opts
         spec = self.routers[replica]
         argv = [sys.executable, "-m", "extproc_router", "serve", "--config", str(self.pod_file),
                 "--grpc-listen", f"127.0.0.1:{spec.grpc_port}", "--http-listen", f"127.0.0.1:{spec.http_port}",
                 "--health-interval", str(o.health_interval), "--max-body-bytes", str(self.max_body_bytes()),
                 *o.router_args]
-        proc = self._spawn(spec.name, argv, self.router_env())
+        return self._spawn(spec.name, argv, self.router_env())
+
+    def start_router(self, replica: int = 0) -> None:
+        """Start router `replica` (0 = the first) and wait until it is ready."""
+        spec = self.routers[replica]
+        proc = self.spawn_router(replica)
         wait_http(f"{spec.http_url}/ready", 20, proc, spec.name)
 
     def start_redis(self) -> None:
@@ -275,9 +422,23 @@ class LocalStack:
             for i in range(len(self.routers)):
                 self.start_router(i)
             self.start_envoy()
+            if self.opts.supervise:
+                self.start_supervisor()
         except BaseException:
             self.stop()
             raise
+
+    def start_supervisor(self) -> RouterSupervisor:
+        """Restart every router that exits from now on (`supervise` does this at the end of `start`)."""
+        if self.supervisor is None:
+            self.supervisor = RouterSupervisor(self)
+            self.supervisor.start()
+        return self.supervisor
+
+    def stop_supervisor(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.get(name)
@@ -287,6 +448,7 @@ class LocalStack:
                 proc.wait(5)
 
     def stop(self) -> None:
+        self.stop_supervisor()  # or it would restart the routers stopped below
         # Envoy first (no new requests), then the routers, then the pods; Redis last (routers flush to it).
         routers = [r.name for r in self.routers]
         order = ["envoy", *routers, *[n for n in self.procs if n not in ("envoy", "redis", *routers)], "redis"]

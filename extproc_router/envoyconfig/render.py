@@ -58,7 +58,8 @@ POD_CLUSTER = "model_pods"
 
 # The router may call a prefill pod inside the body phase (pd), so a message can take a while. It
 # also bounds the client's upload: the router answers the headers message only after the last body
-# chunk, so an upload slower than this ends in a 504 (routing_timeout).
+# chunk, so an upload slower than this ends without a routing decision: a 503 (routing_unavailable)
+# with failure_mode_allow, the default, else Envoy's 504 (routing_timeout).
 _EXTPROC_MESSAGE_TIMEOUT = "60s"
 _STREAM_IDLE_TIMEOUT = "300s"
 # Router replicas are local or in-cluster: a connect that takes longer than this is a dead replica.
@@ -88,19 +89,25 @@ def render_bootstrap(
     admin_port: int = 9901,
     extproc_endpoints: Sequence[tuple[str, int]] = (("127.0.0.1", 50052),),
     router_http: tuple[str, int] = ("127.0.0.1", 8080),
+    failure_mode_allow: bool = True,
 ) -> dict[str, Any]:
     """Build the Envoy bootstrap for ``values`` as a dict, ready for :func:`to_yaml`.
 
     ``extproc_endpoints`` lists the router replicas (one endpoint each of the ext_proc cluster,
     balanced round robin); ``router_http`` is the router's HTTP server that answers ``/v1/models``.
     Hosts may be IP literals (STATIC cluster) or names (STRICT_DNS).
+
+    ``failure_mode_allow`` (default true: fail open for data, closed for routing) lets a response
+    outlive the router that routed it; a request the router never decided on still gets a 503,
+    because the pod cluster has nowhere to send a request without ``target-pod``. False makes Envoy
+    fail the whole HTTP stream whenever its ext_proc stream fails, mid-response included.
     """
     if not extproc_endpoints:
         raise ValueError("extproc_endpoints must list at least one router endpoint")
     return {
         "admin": {"address": _socket_address("127.0.0.1", admin_port)},
         "static_resources": {
-            "listeners": [_listener(values, listen_host, listen_port)],
+            "listeners": [_listener(values, listen_host, listen_port, failure_mode_allow)],
             "clusters": [
                 _pod_cluster(values),
                 _extproc_cluster(list(extproc_endpoints)),
@@ -118,7 +125,7 @@ def to_yaml(bootstrap: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- listener
 
 
-def _listener(values: GatewayValues, host: str, port: int) -> dict[str, Any]:
+def _listener(values: GatewayValues, host: str, port: int, failure_mode_allow: bool) -> dict[str, Any]:
     network_filters: list[dict[str, Any]] = []
     if values.connection_limit is not None:
         # The connection_limit network filter rather than the overload manager's global downstream
@@ -137,8 +144,13 @@ def _listener(values: GatewayValues, host: str, port: int) -> dict[str, Any]:
             }
         )
     network_filters.append(
-        {"name": "envoy.filters.network.http_connection_manager", "typed_config": _http_connection_manager(values)}
+        {
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": _http_connection_manager(values, failure_mode_allow),
+        }
     )
+    # No listener filters and no use_original_dst: the connection's local address is never
+    # "restored", so the pod cluster cannot fall back to it when target-pod is absent (see _pod_cluster).
     return {
         "name": LISTENER_NAME,
         "address": _socket_address(host, port),
@@ -147,7 +159,7 @@ def _listener(values: GatewayValues, host: str, port: int) -> dict[str, Any]:
     }
 
 
-def _http_connection_manager(values: GatewayValues) -> dict[str, Any]:
+def _http_connection_manager(values: GatewayValues, failure_mode_allow: bool) -> dict[str, Any]:
     return {
         _TYPE: _HCM_TYPE,
         "stat_prefix": "gateway",
@@ -157,9 +169,11 @@ def _http_connection_manager(values: GatewayValues) -> dict[str, Any]:
         "generate_request_id": True,
         "http2_protocol_options": {"max_concurrent_streams": values.downstream_max_concurrent_streams},
         # Security: a client must never choose the destination pod. The header is removed before any
-        # filter or route sees it; the router also overwrites it whenever it routes. This matters
-        # beyond routed requests: a router that ends its gRPC stream without answering lets Envoy
-        # continue the request unmodified (seen: 503 no_healthy_upstream, not an ext_proc error).
+        # filter or route sees it; the router also overwrites it whenever it routes. This is what
+        # makes failure_mode_allow safe: a router that is down, fails, times out or ends its gRPC
+        # stream without answering lets Envoy continue the request unmodified, and without this
+        # strip a client's own target-pod would then pick the pod. Stripped, the request reaches
+        # the pod cluster with no target-pod at all: 503 no_healthy_upstream (routing_unavailable).
         "early_header_mutation_extensions": [
             {
                 "name": "envoy.http.early_header_mutation.header_mutation",
@@ -168,7 +182,7 @@ def _http_connection_manager(values: GatewayValues) -> dict[str, Any]:
         ],
         "route_config": _route_config(values),
         "http_filters": [
-            _ext_proc_filter(),
+            _ext_proc_filter(failure_mode_allow),
             {"name": "envoy.filters.http.router", "typed_config": {_TYPE: _ROUTER_TYPE}},
         ],
         "local_reply_config": _local_reply_config(values),
@@ -209,14 +223,21 @@ def _route_config(values: GatewayValues) -> dict[str, Any]:
     }
 
 
-def _ext_proc_filter() -> dict[str, Any]:
+def _ext_proc_filter(failure_mode_allow: bool) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             _TYPE: _EXT_PROC_TYPE,
             "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
-            # Without the router no request may reach a pod: the client could otherwise steer it.
-            "failure_mode_allow": False,
+            # Fail open for data, closed for routing. The ext_proc stream stays open until the
+            # response ends (response trailers SEND, below), so with false a router that dies
+            # (crash, OOM kill, node loss) fails every HTTP stream it routed, mid-generation. With
+            # true Envoy ignores the broken ext_proc stream and the routed response runs to its
+            # end; that router's in-flight count and token usage for it are lost with it. A request
+            # that has no decision yet goes on without target-pod (the client's copy was stripped
+            # before any filter) and the pod cluster answers 503 no_healthy_upstream, rewritten to
+            # routing_unavailable in the local replies: nothing is ever routed without a decision.
+            "failure_mode_allow": failure_mode_allow,
             "message_timeout": _EXTPROC_MESSAGE_TIMEOUT,
             "allow_mode_override": True,
             # Only the router's own namespace may be written; it feeds response_headers_to_add.
@@ -260,8 +281,19 @@ def _local_reply_config(values: GatewayValues) -> dict[str, Any]:
     """
     route_timeout = _duration(values.route_timeout)
     idle = _STREAM_IDLE_TIMEOUT
+
+    def unavailable() -> dict[str, Any]:  # a fresh dict per use: shared ones become YAML anchors
+        return _openai_error(
+            503, "The routing service is unavailable; retry shortly.", "overloaded_error", "routing_unavailable"
+        )
+
     mappers = [
-        # ext_proc failures carry no response flag, only the detail "ext_proc_error_<what>".
+        # failure_mode_allow: a request the router did not decide on (router down, failed, timed
+        # out) reaches the pod cluster without target-pod, and the ORIGINAL_DST cluster finds no
+        # host (UH). Say what happened: no routing decision, not an unavailable model server.
+        {"filter": {"and_filter": {"filters": [_flags("UH"), _header_absent(TARGET_POD_HEADER)]}}, **unavailable()},
+        # With failure_mode_allow false, ext_proc failures end the request in Envoy's own 500,
+        # which carries no response flag, only the detail "ext_proc_error_<what>".
         # Envoy answers 500 whatever went wrong; a status should tell the client whether to retry:
         # * gRPC UNAVAILABLE (14: the router is down, restarting or refusing connections) -> 503,
         #   a transient gateway outage a client should retry, not a "bug" 500;
@@ -269,12 +301,7 @@ def _local_reply_config(values: GatewayValues) -> dict[str, Any]:
         #   that took longer than the message timeout: the router answers the headers only after
         #   the whole body);
         # * any other gRPC error (the router raised or aborted) is a gateway bug: an honest 500.
-        {
-            "filter": _cel("response.code_details.startsWith('ext_proc_error_gRPC_error_14')"),
-            **_openai_error(
-                503, "The routing service is unavailable; retry shortly.", "overloaded_error", "routing_unavailable"
-            ),
-        },
+        {"filter": _cel("response.code_details.startsWith('ext_proc_error_gRPC_error_14')"), **unavailable()},
         {
             "filter": _cel("response.code_details.startsWith('ext_proc_error_per-message_timeout')"),
             **_openai_error(504, "The routing service did not answer in time.", "api_error", "routing_timeout"),
@@ -350,6 +377,11 @@ def _flags(*flags: str) -> dict[str, Any]:
     return {"response_flag_filter": {"flags": list(flags)}}
 
 
+def _header_absent(name: str) -> dict[str, Any]:
+    """Matches when the request has no header ``name`` (at reply time, after every mutation)."""
+    return {"header_filter": {"header": {"name": name, "present_match": True, "invert_match": True}}}
+
+
 def _status_is(code: int) -> dict[str, Any]:
     # runtime_key is mandatory; nothing sets it, so default_value applies.
     value = {"default_value": code, "runtime_key": f"gateway.local_reply.status_{code}"}
@@ -372,7 +404,11 @@ def _cel(expression: str) -> dict[str, Any]:
 def _pod_cluster(values: GatewayValues) -> dict[str, Any]:
     return {
         "name": POD_CLUSTER,
-        # The router picks the pod; Envoy connects to the ip:port in the target-pod header.
+        # The router picks the pod; Envoy connects to the ip:port in the target-pod header. Without
+        # the header there is no destination: besides it, the ORIGINAL_DST load balancer only takes
+        # one from filter state, metadata_key or a restored local address, and this config has none
+        # of them (no filter sets that state, no metadata_key, no listener filters or
+        # use_original_dst), so it returns no host: 503 no_healthy_upstream, never a default pod.
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
         "original_dst_lb_config": {"use_http_header": True, "http_header_name": TARGET_POD_HEADER},
