@@ -1,18 +1,23 @@
 """The prefill call of `pd`: the router itself sends the prompt to the prefill pod, then routes the
 client's request to the decode pod with what the prefill returned (vLLM) or with a shared
-bootstrap room (SGLang). Pooled keep-alive connections; one timeout for the whole call."""
+bootstrap room (SGLang). Pooled keep-alive connections; one timeout for the whole call.
+
+How the call is made depends on the engine (the pods' `model.aibrix.ai/engine` label): one
+function per style in `PREFILL_STYLES`; an engine without its own style speaks vLLM's."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import orjson
 
 from routing.pods import Pod
+from routing.strategies.pd import sglang_bootstrap_port
 
 log = logging.getLogger("extproc_router.prefill")
 
@@ -110,3 +115,26 @@ class PrefillClient:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return {**body, **fields}
+
+
+PrefillStyle = Callable[[PrefillClient, Pod, str, dict[str, Any], dict[str, str]], Awaitable[dict[str, Any]]]
+
+
+async def _vllm_style(client: PrefillClient, pod: Pod, path: str, body: dict[str, Any],
+                      headers: dict[str, str]) -> dict[str, Any]:
+    return await client.vllm(pod, path, body, headers)
+
+
+async def _sglang_style(client: PrefillClient, pod: Pod, path: str, body: dict[str, Any],
+                        headers: dict[str, str]) -> dict[str, Any]:
+    return client.sglang(pod, sglang_bootstrap_port(pod), path, body, headers)
+
+
+PREFILL_STYLES: dict[str, PrefillStyle] = {"vllm": _vllm_style, "sglang": _sglang_style}
+
+
+async def run_prefill(engine: str, client: PrefillClient, pod: Pod, path: str, body: dict[str, Any],
+                      headers: dict[str, str]) -> dict[str, Any]:
+    """The prefill call in `engine`'s style; the body the decode pod must get. Raises PrefillError."""
+    style = PREFILL_STYLES.get(engine, _vllm_style)
+    return await style(client, pod, path, body, headers)

@@ -69,6 +69,23 @@ def _non_negative_seconds(text: str) -> float:
     return value
 
 
+class _ServeHelpFormatter(argparse.HelpFormatter):
+    """Ends the help of a `serve` flag that sets a RouterConfig field with the config's default. The
+    flags themselves default to None, so the pod file's and the environment's values apply beneath
+    them; the config is imported only when help is shown (it brings the routing core and statesync)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        from extproc_router.config import RouterConfig
+        from routing.router import DEFAULT_STRATEGY
+
+        value = getattr(RouterConfig(), action.dest, None)
+        if value is None and action.dest == "routing_algorithm":
+            value = DEFAULT_STRATEGY  # what the config's None stands for
+        if action.help is None or value is None:
+            return action.help
+        return f"{action.help} (default {value:g})" if isinstance(value, float) else f"{action.help} (default {value})"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from extproc_router.config import ConfigError, build_config
     from extproc_router.discovery.static_file import DiscoveryError, read_pod_file
@@ -109,7 +126,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                         grpc_port=args.grpc_port, http_port=args.http_port, pods=args.pods,
                         first_pod_port=args.first_pod_port, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms,
                         run_dir=args.run_dir, values_file=args.values, pd=args.pd, replicas=args.replicas,
-                        redis=args.redis, redis_port=args.redis_port)
+                        redis=args.redis, redis_port=args.redis_port, supervise=True)
     if args.routing_algorithm:
         opts.router_env["ROUTING_ALGORITHM"] = args.routing_algorithm
     stack = LocalStack(opts)
@@ -137,9 +154,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     if opts.pd:
         print(PD_CURL.format(url=stack.url, model=opts.pd_model), flush=True)
     print("Ctrl-C stops everything.", flush=True)
+    # A router that exits is the supervisor's (stack.supervisor): it restarts it with backoff, as
+    # systemd or Kubernetes would, and Envoy routes around it meanwhile. Any other process exiting
+    # (a pod, Envoy, Redis) stops the stack.
+    routers = {r.name for r in stack.routers}
     try:
         while not stopping:
-            dead = stack.dead_children()
+            dead = [(name, code) for name, code in stack.dead_children() if name not in routers]
             if dead:
                 for name, code in dead:
                     log.error("%s exited with code %s; stopping the stack (see %s/%s.log)", name, code,
@@ -163,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the router (ext_proc gRPC service + metrics HTTP port)",
                        description="Run one router process. Pods and models come from --config, which is "
                                    "re-read when it changes. Env: ROUTING_ALGORITHM (default strategy), "
-                                   "AIBRIX_GRPC_MAX_MESSAGE_SIZE_BYTES (body limit).")
+                                   "AIBRIX_GRPC_MAX_MESSAGE_SIZE_BYTES (body limit).",
+                       formatter_class=_ServeHelpFormatter)
     p.add_argument("--config", "-c", metavar="FILE",
                    help="gateway file (YAML): models and their pods, users, API keys, router settings; "
                         "required with --discovery file, optional with kubernetes (pods are then ignored)")
@@ -172,25 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "model.aibrix.ai/name, in-cluster service account or KUBECONFIG")
     p.add_argument("--namespace", action="append", metavar="NS",
                    help="kubernetes discovery: watch this namespace; repeat for several (default: all)")
-    p.add_argument("--grpc-listen", metavar="HOST:PORT", help="ext_proc gRPC address (default 127.0.0.1:50052)")
-    p.add_argument("--http-listen", metavar="HOST:PORT",
-                   help="/metrics, /v1/models, /health, /ready (default 127.0.0.1:8080)")
-    p.add_argument("--routing-algorithm", metavar="NAME",
-                   help="default strategy when no header or profile selects one (default random)")
+    # Flags that set a RouterConfig field have no default of their own (the help shows the config's).
+    p.add_argument("--grpc-listen", metavar="HOST:PORT", help="ext_proc gRPC address")
+    p.add_argument("--http-listen", metavar="HOST:PORT", help="/metrics, /v1/models, /health, /ready")
+    p.add_argument("--routing-algorithm", metavar="NAME", help="default strategy when no header or profile selects one")
     p.add_argument("--max-body-bytes", type=int, metavar="N",
-                   help="largest request body; keep equal to Envoy's bufferLimit (default 4194304)")
-    p.add_argument("--health-interval", type=float, metavar="SECONDS", help="pod health-check period (default 1)")
-    p.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
-                   help="time in-flight requests get on SIGTERM (default 10)")
+                   help="largest request body; keep equal to Envoy's bufferLimit")
+    p.add_argument("--health-interval", type=float, metavar="SECONDS", help="pod health-check period")
+    p.add_argument("--shutdown-grace", type=float, metavar="SECONDS", help="time in-flight requests get on SIGTERM")
     p.add_argument("--drain-delay", type=_non_negative_seconds, default=0.0, metavar="SECONDS",
                    help="on SIGTERM, readiness goes false this long before new streams are refused, so "
-                        "Envoy and Kubernetes can move traffic first (default 0)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+                        "Envoy and Kubernetes can move traffic first (default %(default)g)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("up", help="run the local stack: Envoy + router + simulated pods",
                        description="Start simulated vLLM pods of demo-model, the router and Envoy as real "
-                                   "processes, print curl lines, and stop them all on Ctrl-C or SIGTERM.")
+                                   "processes, print curl lines, and stop them all on Ctrl-C or SIGTERM. "
+                                   "A router replica that exits is restarted (after 0.5 s, longer while it "
+                                   "keeps crashing); a pod, Envoy or Redis that exits stops the stack.")
     p.add_argument("--listen", default="127.0.0.1:8888", metavar="HOST:PORT", help="Envoy's listener")
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--grpc-port", type=int, default=50052, help="router ext_proc port")

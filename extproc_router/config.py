@@ -1,5 +1,11 @@
 """The router's configuration: one typed object, loaded once (defaults, then the `router:` section
-of the pod file, then environment variables, then command-line flags) and passed down."""
+of the pod file, then environment variables, then command-line flags) and passed down.
+
+Each default is stated once. The prefix-cache settings' defaults (and the measurements behind them)
+are PrefixCacheSettings' in routing/strategies/prefix_cache.py, statesync's are StateSyncSettings';
+RouterConfig's fields for them take their defaults from those objects, and `prefix_cache_settings`
+and `statesync_settings` build those objects back from a RouterConfig, field by field.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from routing.strategies.prefix_cache import PrefixCacheSettings
+from statesync import StateSyncSettings
+
 
 class ConfigError(ValueError):
     """A setting has a bad value; the message names the setting and where it came from."""
+
+
+_PC = PrefixCacheSettings()  # read for its defaults
+_SYNC = StateSyncSettings(redis_host="")  # read for its defaults
 
 
 @dataclass
@@ -18,7 +31,7 @@ class RouterConfig:
     pods_file: str | None = None
     grpc_listen: str = "127.0.0.1:50052"   # ext_proc + gRPC health
     http_listen: str = "127.0.0.1:8080"    # /metrics, /v1/models, /health, /ready
-    routing_algorithm: str | None = None   # default strategy when nothing else selects one
+    routing_algorithm: str | None = None   # None: the router's default strategy (routing.router)
     max_body_bytes: int = 4 * 1024 * 1024  # keep equal to Envoy's bufferLimit
     health_interval: float = 1.0
     health_timeout: float = 1.0
@@ -28,37 +41,39 @@ class RouterConfig:
     log_level: str = "info"
     # Redis: rate-limit budgets shared by replicas, and state sync below. Unset: in-process only.
     redis_host: str | None = None
-    redis_port: int = 6379
-    redis_password: str | None = None
-    redis_tls: bool = False
+    redis_port: int = _SYNC.redis_port
+    redis_password: str | None = _SYNC.redis_password
+    redis_tls: bool = _SYNC.redis_tls
     # Cross-replica routing state through Redis (statesync/): prefix-index deltas and in-flight load.
     # Off unless AIBRIX_STATESYNC_ENABLED=true (the seed's switch), and only with redis_host.
+    # What each setting does: StateSyncSettings (STATESYNC_FIELDS maps the names).
     statesync_enabled: bool = False
-    statesync_flush_ms: float = 5.0  # new deltas are published this long after the first of them (one entry)
-    statesync_snapshot_interval: float = 10.0  # seconds between this replica's compacted snapshots
-    statesync_stream_maxlen: int = 10_000  # stream entries Redis keeps (XADD MAXLEN ~): bounds its memory
-    statesync_load_interval_ms: int = 100  # share in-flight counts this often (the reference's period)
-    statesync_namespace: str = "extproc:sync"  # key prefix: fleets sharing one Redis need different ones
-    # Prefix-cache routing (the reference's AIBRIX_PREFIX_CACHE_*); values are checked by the strategy,
-    # whose error names the variable. Defaults and their rationale: routing/strategies/prefix_cache.py.
+    statesync_flush_ms: float = _SYNC.flush_interval * 1000
+    statesync_snapshot_interval: float = _SYNC.snapshot_interval
+    statesync_stream_maxlen: int = _SYNC.stream_maxlen
+    statesync_load_interval_ms: int = round(_SYNC.load_interval * 1000)
+    statesync_namespace: str = _SYNC.namespace
     prefill_timeout: float = 30.0  # pd: the router's prefill call (AIBRIX_PREFILL_REQUEST_TIMEOUT, seconds)
     pod_metrics_interval_ms: int = 100  # pd: scrape prefill/decode pods' /metrics this often
-    prefix_cache_tokenizer_type: str = "character"
-    prefix_cache_block_size: int | None = None  # None: 128 for characters, 16 for tiktoken tokens
-    prefix_cache_hash_seed: int | None = None  # None: the fixed built-in seed, shared by all replicas
-    prefix_cache_max_prefix_blocks: int = 1024
-    prefix_cache_block_number: int = 200_000
-    prefix_cache_eviction_duration_mins: float = 20.0
-    prefix_cache_min_match_pct: float = 10.0
-    prefix_cache_load_guard: str = "cost"
-    prefix_cache_imbalance_abs_count: int = 16
-    prefix_cache_stddev_factor: float = 1.0
-    prefix_cache_cost_request_tokens: float = 64.0
-    prefix_cache_prefill_tokens_per_s: float = 16000.0
-    prefix_cache_kv_window_s: float = 300.0
-    prefix_cache_pod_kv_tokens: int = 0
-    prefix_cache_kv_pressure_weight: float = 2.0
-    prefix_cache_cost_waiting_tokens: float = 800.0
+    # Prefix-cache routing (the reference's AIBRIX_PREFIX_CACHE_*): `prefix_cache_<name>` is
+    # PrefixCacheSettings' `<name>`, whose defaults, rationale and ranges (`validate`, run by
+    # build_config) live there.
+    prefix_cache_tokenizer_type: str = _PC.tokenizer_type
+    prefix_cache_block_size: int | None = _PC.block_size  # None: the tokenizer's DEFAULT_BLOCK_SIZE
+    prefix_cache_hash_seed: int | None = None  # None: PrefixCacheSettings' fixed seed, shared by all replicas
+    prefix_cache_max_prefix_blocks: int = _PC.max_prefix_blocks
+    prefix_cache_block_number: int = _PC.block_number
+    prefix_cache_eviction_duration_mins: float = _PC.eviction_duration_mins
+    prefix_cache_min_match_pct: float = _PC.min_match_pct
+    prefix_cache_load_guard: str = _PC.load_guard
+    prefix_cache_imbalance_abs_count: int = _PC.imbalance_abs_count
+    prefix_cache_stddev_factor: float = _PC.stddev_factor
+    prefix_cache_cost_request_tokens: float = _PC.cost_request_tokens
+    prefix_cache_prefill_tokens_per_s: float = _PC.prefill_tokens_per_s
+    prefix_cache_kv_window_s: float = _PC.kv_window_s
+    prefix_cache_pod_kv_tokens: int = _PC.pod_kv_tokens
+    prefix_cache_kv_pressure_weight: float = _PC.kv_pressure_weight
+    prefix_cache_cost_waiting_tokens: float = _PC.cost_waiting_tokens
 
 
 # Environment variables users of the reference gateway already know, plus ours for the rest.
@@ -99,16 +114,29 @@ ENV_VARS: dict[str, str] = {
     "AIBRIX_PREFIX_CACHE_COST_WAITING_TOKENS": "prefix_cache_cost_waiting_tokens",
 }
 
-# Settings where 0 is a meaningful value (a seed, a percentage, a threshold, a weight).
-_ZERO_OK = frozenset({"prefix_cache_hash_seed", "prefix_cache_min_match_pct", "prefix_cache_imbalance_abs_count",
-                      "prefix_cache_stddev_factor", "prefix_cache_cost_request_tokens",
-                      "prefix_cache_prefill_tokens_per_s", "prefix_cache_kv_window_s",
-                      "prefix_cache_pod_kv_tokens", "prefix_cache_kv_pressure_weight",
-                      "prefix_cache_cost_waiting_tokens"})
+# RouterConfig's `prefix_cache_<name>` is PrefixCacheSettings' `<name>`.
+PREFIX_CACHE = "prefix_cache_"
+
+# StateSyncSettings field -> the RouterConfig field it is read from. A RouterConfig field ending in
+# `_ms` is in milliseconds, StateSyncSettings' in seconds. Unlisted fields (start_timeout) keep
+# StateSyncSettings' default.
+STATESYNC_FIELDS: dict[str, str] = {
+    "redis_host": "redis_host",
+    "redis_port": "redis_port",
+    "redis_password": "redis_password",
+    "redis_tls": "redis_tls",
+    "flush_interval": "statesync_flush_ms",
+    "snapshot_interval": "statesync_snapshot_interval",
+    "stream_maxlen": "statesync_stream_maxlen",
+    "load_interval": "statesync_load_interval_ms",
+    "namespace": "statesync_namespace",
+}
+
+_KINDS = {f.name: f.type for f in fields(RouterConfig)}
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
-    kind = {f.name: f.type for f in fields(RouterConfig)}[name]
+    kind = _KINDS[name]
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -119,23 +147,25 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return False
         raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
     kind = kind.removesuffix(" | None")
-    lowest = 0 if name in _ZERO_OK else 1  # ints; floats must be > 0 unless zero is allowed
+    # Numbers must be positive, except the prefix-cache ones: PrefixCacheSettings.validate() states
+    # their ranges (0 is meaningful for several), and build_config runs it.
+    positive = not name.startswith(PREFIX_CACHE)
     try:
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError
             v = int(value)
-            if v < lowest:
+            if positive and v < 1:
                 raise ValueError
             return v
         if kind == "float":
             v = float(value)
-            if v < 0 or (v == 0 and lowest) or v != v:
+            if positive and not v > 0:  # also rejects NaN
                 raise ValueError
             return v
     except (TypeError, ValueError):
-        what = "a non-negative" if lowest == 0 else "a positive"
-        raise ConfigError(f"{source}: {name} must be {what} number, got {value!r}") from None
+        what = "a positive number" if positive else "an integer" if kind == "int" else "a number"
+        raise ConfigError(f"{source}: {name} must be {what}, got {value!r}") from None
     if value is None or value == "":
         return None
     return str(value)
@@ -148,23 +178,65 @@ def split_hostport(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def prefix_cache_settings(cfg: RouterConfig) -> PrefixCacheSettings:
+    """The `prefix-cache` strategy's settings: every PrefixCacheSettings field from RouterConfig's
+    `prefix_cache_<field>`; None there keeps PrefixCacheSettings' own default (the fixed hash seed,
+    the tokenizer's block size)."""
+    values = {f.name: getattr(cfg, PREFIX_CACHE + f.name) for f in fields(PrefixCacheSettings)}
+    return PrefixCacheSettings(**{name: v for name, v in values.items() if v is not None})
+
+
+def statesync_settings(cfg: RouterConfig) -> StateSyncSettings:
+    """Statesync's settings from the configuration object (requires `cfg.redis_host`)."""
+    assert cfg.redis_host
+    values: dict[str, Any] = {}
+    for f in fields(StateSyncSettings):
+        key = STATESYNC_FIELDS.get(f.name)
+        if key is not None:
+            value = getattr(cfg, key)
+            values[f.name] = value / 1000 if key.endswith("_ms") else value
+    return StateSyncSettings(**values)
+
+
+def _check_prefix_cache(cfg: RouterConfig, origin: Mapping[str, str]) -> None:
+    """Run PrefixCacheSettings.validate() now, so a bad value stops the router at start-up with a
+    message naming the variable (and the pod-file key or flag, when it was set there)."""
+    try:
+        prefix_cache_settings(cfg).validate()
+    except ValueError as exc:
+        message = str(exc)
+        var = message.partition(" ")[0]  # validate() names the env var first
+        source = origin.get(ENV_VARS.get(var, ""), f"env {var}")
+        raise ConfigError(message if source == f"env {var}" else f"{source}: {message}") from None
+
+
 def build_config(file_section: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
                  flags: Mapping[str, Any] | None = None) -> RouterConfig:
     """Merge the layers; later layers win. Unknown keys in the file section are errors."""
     cfg = RouterConfig()
-    names = {f.name for f in fields(RouterConfig)}
+    origin: dict[str, str] = {}  # setting -> where its value came from, for error messages
+
+    def set_value(key: str, value: Any, source: str) -> None:
+        setattr(cfg, key, _coerce(key, value, source))
+        origin[key] = source
+
     for key, value in (file_section or {}).items():
-        if key not in names or key == "pods_file":
+        if key not in _KINDS or key == "pods_file":
             raise ConfigError(f"pod file router.{key}: unknown setting; allowed: "
-                              f"{', '.join(sorted(names - {'pods_file'}))}")
-        setattr(cfg, key, _coerce(key, value, f"pod file router.{key}"))
+                              f"{', '.join(sorted(_KINDS.keys() - {'pods_file'}))}")
+        set_value(key, value, f"pod file router.{key}")
     env = os.environ if env is None else env
     for var, key in ENV_VARS.items():
         if env.get(var):
-            setattr(cfg, key, _coerce(key, env[var], f"env {var}"))
+            set_value(key, env[var], f"env {var}")
     for key, value in (flags or {}).items():
-        if value is not None:
-            setattr(cfg, key, _coerce(key, value, f"--{key.replace('_', '-')}") if key != "pods_file" else value)
+        if value is None:
+            continue
+        if key == "pods_file":
+            cfg.pods_file = value
+        else:
+            set_value(key, value, f"--{key.replace('_', '-')}")
     split_hostport(cfg.grpc_listen, "grpc_listen")
     split_hostport(cfg.http_listen, "http_listen")
+    _check_prefix_cache(cfg, origin)
     return cfg

@@ -17,21 +17,19 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from ext_proc.h2grpc import GrpcServer
 from ext_proc.health import HEALTH_CHECK_PATH, HealthHandler
 from ext_proc.http_app import build_http_app
-from ext_proc.metrics import PrefixCacheCollector, RouterMetrics, RouterStateCollector
+from ext_proc.metrics import RouterMetrics, RouterStateCollector, StrategyCollector
 from ext_proc.prefill import PrefillClient
 from ext_proc.service import PROCESS_PATH, ExtProcService, ServiceSettings, models_list
-from extproc_router.config import ConfigError, RouterConfig, split_hostport
+from extproc_router.config import ConfigError, RouterConfig, prefix_cache_settings, split_hostport, statesync_settings
 from extproc_router.discovery.manager import FileDiscovery
-from extproc_router.discovery.pod_metrics import PodMetrics, PodMetricsScraper
+from extproc_router.discovery.pod_metrics import PodMetricsScraper
 from extproc_router.discovery.static_file import DiscoveryError, PodFile, read_pod_file
 from extproc_router.policy import parse_api_keys, parse_users
-from routing.block_hash import DEFAULT_HASH_SEED
 from routing.pods import PodSnapshot
 from routing.router import Router, RoutingSettings
-from routing.strategies.pd import PDStrategy, PodLoad
-from routing.strategies.prefix_cache import PrefixCacheSettings, PrefixCacheStrategy
+from routing.stats import EngineStats
 from routing.tokenizers import count_tokens
-from statesync import StateSync, StateSyncSettings
+from statesync import StateSync
 
 log = logging.getLogger("extproc_router")
 
@@ -72,13 +70,12 @@ class RouterProcess:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.registry.register(RouterStateCollector(lambda: self.router))
-        self.registry.register(PrefixCacheCollector(lambda: self.router))
+        self.registry.register(StrategyCollector(lambda: self.router))
         # Cross-replica state: exists before discovery, which publishes the first pod snapshot.
         self.statesync: StateSync | None = None
         if cfg.statesync_enabled and cfg.redis_host:
-            prefix = self.router.strategies.get(PrefixCacheStrategy.name)
             self.statesync = StateSync(statesync_settings(cfg), registry=self.registry, load=self.router.load,
-                                       index=prefix.index if isinstance(prefix, PrefixCacheStrategy) else None)
+                                       index=self.router.prefix_index)
         # Every ready pod's engine /metrics, one scrape for all uses: pd ranks decode pods by running,
         # waiting and KV usage; prefix-cache prices engine queues and weighs cache pressure by the
         # KV capacity the engine reports.
@@ -124,40 +121,18 @@ class RouterProcess:
         if self.statesync is not None:
             self.statesync.on_pods(snapshot)
         self.pod_metrics.set_pods(p for m in snapshot.models.values() for p in m.ready)
-        prefix = self.router.strategies.get(PrefixCacheStrategy.name)
-        if isinstance(prefix, PrefixCacheStrategy):
-            known = _pod_keys(snapshot)
-            if not prefix.kv_capacity.keys() <= known:
-                prefix.kv_capacity = {k: c for k, c in prefix.kv_capacity.items() if k in known}
 
-    def _publish_pod_metrics(self, metrics: dict[str, PodMetrics]) -> None:
-        pd = self.router.strategies.get("pd")
-        if isinstance(pd, PDStrategy):
-            pd.pod_loads = {k: PodLoad(running=m.running, waiting=m.waiting, kv_usage=m.kv_usage)
-                            for k, m in metrics.items()}
-        prefix = self.router.strategies.get(PrefixCacheStrategy.name)
-        if isinstance(prefix, PrefixCacheStrategy):
-            # A pod whose scrape failed is left out: unknown, not idle (its router-side load still counts).
-            prefix.engine_waiting = {k: m.waiting for k, m in metrics.items()}
-            self._publish_kv_capacity(prefix, metrics)
-
-    def _publish_kv_capacity(self, prefix: PrefixCacheStrategy, metrics: dict[str, PodMetrics]) -> None:
-        """Merged into what is known: a pod whose scrape failed (or that went unready) keeps its last
-        capacity, which does not change while it runs; pods gone from the snapshot, also during the
-        scrape, are dropped. A pod reporting none (an engine without the metric) stays unknown."""
-        known = _pod_keys(self.router.snapshot)
-        merged = {k: c for k, c in prefix.kv_capacity.items() if k in known}
-        merged.update((k, m.kv_capacity_tokens) for k, m in metrics.items()
-                      if m.kv_capacity_tokens > 0 and k in known)
-        if merged != prefix.kv_capacity:
-            log.debug("KV capacity (tokens) by pod: %s", merged)
-        prefix.kv_capacity = merged
+    def _publish_pod_metrics(self, metrics: dict[str, EngineStats]) -> None:
+        stats = self.router.stats
+        before = dict(stats.kv_capacity)
+        stats.update_engine(metrics)
+        if stats.kv_capacity != before:
+            log.debug("KV capacity (tokens) by pod: %s", stats.kv_capacity)
 
     def flush_prefix_cache(self) -> int:
         """`POST /flush_cache`: forget every prefix the index holds (the pods' caches were flushed,
-        e.g. between benchmark arms); the entries dropped, 0 without the prefix-cache strategy."""
-        prefix = self.router.strategies.get(PrefixCacheStrategy.name)
-        return prefix.flush() if isinstance(prefix, PrefixCacheStrategy) else 0
+        e.g. between benchmark arms); the entries dropped."""
+        return self.router.flush_prefix_index()
 
     def is_ready(self) -> bool:
         return self.discovery.ready and not self.draining
@@ -171,7 +146,7 @@ class RouterProcess:
             except Exception as exc:
                 log.warning("Redis at %s:%d is unreachable (%s): rate limits fail open until it answers",
                             self.cfg.redis_host, self.cfg.redis_port, exc)
-        elif self.service.settings.users:
+        elif self.service.control.settings.users:
             log.warning("no REDIS_HOST: per-user limits are counted in this process only; with N replicas "
                         "a user gets N times the configured budget")
         if self.cfg.statesync_enabled and not self.cfg.redis_host:
@@ -216,46 +191,9 @@ class RouterProcess:
             await self._http_runner.cleanup()
         await self.discovery.stop()
         await self.pod_metrics.stop()
-        await self.service.prefill.close()
+        await self.service.control.prefill.close()
         if self.redis is not None:
             await self.redis.close()
-
-
-def _pod_keys(snapshot: PodSnapshot) -> set[str]:
-    """Keys of every pod the snapshot knows, ready or not."""
-    return {p.key for m in snapshot.models.values() for p in m.pods}
-
-
-def statesync_settings(cfg: RouterConfig) -> StateSyncSettings:
-    """Statesync's settings from the configuration object (requires `cfg.redis_host`)."""
-    assert cfg.redis_host
-    return StateSyncSettings(
-        redis_host=cfg.redis_host, redis_port=cfg.redis_port, redis_password=cfg.redis_password,
-        redis_tls=cfg.redis_tls, flush_interval=cfg.statesync_flush_ms / 1000,
-        snapshot_interval=cfg.statesync_snapshot_interval, stream_maxlen=cfg.statesync_stream_maxlen,
-        load_interval=cfg.statesync_load_interval_ms / 1000, namespace=cfg.statesync_namespace)
-
-
-def prefix_cache_settings(cfg: RouterConfig) -> PrefixCacheSettings:
-    """The `prefix-cache` strategy's settings from the configuration object."""
-    return PrefixCacheSettings(
-        tokenizer_type=cfg.prefix_cache_tokenizer_type,
-        block_size=cfg.prefix_cache_block_size,
-        hash_seed=DEFAULT_HASH_SEED if cfg.prefix_cache_hash_seed is None else cfg.prefix_cache_hash_seed,
-        max_prefix_blocks=cfg.prefix_cache_max_prefix_blocks,
-        block_number=cfg.prefix_cache_block_number,
-        eviction_duration_mins=cfg.prefix_cache_eviction_duration_mins,
-        min_match_pct=cfg.prefix_cache_min_match_pct,
-        load_guard=cfg.prefix_cache_load_guard,
-        imbalance_abs_count=cfg.prefix_cache_imbalance_abs_count,
-        stddev_factor=cfg.prefix_cache_stddev_factor,
-        cost_request_tokens=cfg.prefix_cache_cost_request_tokens,
-        prefill_tokens_per_s=cfg.prefix_cache_prefill_tokens_per_s,
-        kv_window_s=cfg.prefix_cache_kv_window_s,
-        pod_kv_tokens=cfg.prefix_cache_pod_kv_tokens,
-        kv_pressure_weight=cfg.prefix_cache_kv_pressure_weight,
-        cost_waiting_tokens=cfg.prefix_cache_cost_waiting_tokens,
-    )
 
 
 async def serve(cfg: RouterConfig, make_discovery: DiscoveryFactory | None = None, *,

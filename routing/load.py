@@ -83,10 +83,6 @@ class LoadTracker:
         self._remote_queue = queued_prefill or {}
         self._remote_since = self._clock()
 
-    def remote_snapshot(self) -> dict[str, int]:
-        """The other replicas' in-flight requests per pod, as last reported."""
-        return dict(self._remote_inflight)
-
     def acquire(self, pod_key: str, prefill_tokens: int = 0) -> None:
         self._inflight[pod_key] = self._inflight.get(pod_key, 0) + 1
         self._total += 1

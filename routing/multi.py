@@ -2,19 +2,18 @@
 
 Every listed strategy scores every candidate pod; scores are min-max normalised per strategy (a
 lower-is-better score is inverted), multiplied by the weight and summed; the top pod wins, ties
-broken at random. A strategy that only makes sense alone (`pd`) cannot be mixed.
+broken at random. A strategy that only makes sense alone (a planner such as `pd`) cannot be mixed.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from routing.errors import RoutingError
 
 MAX_WEIGHT = 1_000_000
-SOLO_ONLY = frozenset({"pd"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +30,9 @@ def is_multi(spec: str) -> bool:
     return "," in spec or ":" in spec
 
 
-def parse_spec(spec: str, known: Sequence[str]) -> list[WeightedStrategy]:
-    """Parse `name[:weight],...`; a missing weight is 1, weight 0 drops the entry. Raises RoutingError."""
+def parse_spec(spec: str, known: Sequence[str], solo: Collection[str] = ()) -> list[WeightedStrategy]:
+    """Parse `name[:weight],...`; a missing weight is 1, weight 0 drops the entry; names in `solo`
+    cannot be combined. Raises RoutingError."""
     out: list[WeightedStrategy] = []
     seen: set[str] = set()
     for raw in spec.split(","):
@@ -52,7 +52,7 @@ def parse_spec(spec: str, known: Sequence[str]) -> list[WeightedStrategy]:
             if not weight_s.isdigit() or int(weight_s) > MAX_WEIGHT:
                 raise _bad(f"weight {weight_s!r} of {name!r} must be an integer from 0 to {MAX_WEIGHT}")
             weight = int(weight_s)
-        if name in SOLO_ONLY and len(spec.split(",")) > 1:
+        if name in solo and len(spec.split(",")) > 1:
             raise _bad(f"{name!r} cannot be combined with other strategies")
         if weight:
             out.append(WeightedStrategy(name, weight))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,7 +22,8 @@ _ROLE_CLOSE = "\x1f"
 
 @dataclass(slots=True)
 class RoutingRequest:
-    """What a strategy may look at. Built once per request; strategies never re-parse the body."""
+    """What a strategy may look at. Built once per request; strategies read it, never write it, and
+    never re-parse the body."""
 
     path: str
     model: str
@@ -30,12 +31,6 @@ class RoutingRequest:
     stream: bool = False
     max_tokens: int | None = None
     body: dict[str, Any] | None = None
-    # What a strategy wants the client to see about its decision (e.g. the prefix match), echoed
-    # as response headers when the name is one Envoy's route echoes (envoyconfig RESPONSE_ECHO_HEADERS).
-    annotations: dict[str, str] = field(default_factory=dict)
-    # Uncached prompt tokens the chosen pod must prefill, when a cache-aware strategy estimated it;
-    # the router books them as that pod's in-flight prefill work (None: the whole prompt).
-    prefill_tokens: int | None = None
 
 
 def _bad(message: str, param: str | None = None) -> RoutingError:

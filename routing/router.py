@@ -1,18 +1,35 @@
-"""The routing decision: model lookup, strategy precedence, pick, accounting."""
+"""The routing decision: model lookup, strategy precedence, pick, accounting.
+
+The router owns the per-pod state every strategy reads (`stats`: in-flight load and the engines'
+reported figures; `prefix_index`: what was sent where), sorts the registered strategies by
+capability once, and books the chosen pod's load in the same synchronous step as the pick.
+"""
 
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 from routing.errors import RoutingError
 from routing.load import LoadTracker
 from routing.multi import combine, is_multi, normalise, parse_spec
 from routing.pods import ModelEntry, Pod, PodSnapshot
 from routing.request import RoutingRequest
-from routing.strategies import Strategy, builtin_strategies
-from routing.strategies.prefix_cache import PrefixCacheSettings
+from routing.stats import PodStats
+from routing.strategies import (
+    Choice,
+    DecisionContext,
+    Observer,
+    Picker,
+    Planner,
+    Reporter,
+    Scorer,
+    Strategy,
+    builtin_strategies,
+)
+from routing.strategies.prefix_cache import PrefixCacheSettings, new_prefix_index
 from routing.tokenizers import BYTES_PER_TOKEN
 
 DEFAULT_STRATEGY = "random"
@@ -26,16 +43,9 @@ class RoutingSettings:
     prefix_cache: PrefixCacheSettings = field(default_factory=PrefixCacheSettings)  # AIBRIX_PREFIX_CACHE_*
 
 
-@runtime_checkable
-class PodStateOwner(Protocol):
-    """A strategy that keeps per-pod state (the prefix index) and must drop pods that are gone."""
-
-    def retain_pods(self, keep: set[str], ready: set[str] | None = None) -> None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class ProfileChoice:
-    """What a model config profile contributes to strategy precedence (filled by the profiles issue)."""
+    """What a model config profile contributes to strategy precedence."""
 
     name: str | None = None
     routing_strategy: str | None = None
@@ -49,26 +59,32 @@ class Decision:
     pod: Pod
     model: str
     strategy: str
-    strategy_source: str
     profile: str | None = None
-    echo: dict[str, str] = field(default_factory=dict)  # strategy annotations for the response
-    prefill: Pod | None = None  # pd: the pod the router sends the prefill call to
-    engine: str = "vllm"  # pd: how the prefill call is made (vllm: sync with kv_transfer_params; sglang)
+    echo: Mapping[str, str] = field(default_factory=dict)  # the strategy's annotations, for the response
+    prefill: Pod | None = None  # a planner's prefill pod: the router sends the prefill call there first
+    engine: str = "vllm"  # how that prefill call is made
     prefill_tokens: int = 0  # booked as the pod's in-flight prefill work until release
     released: bool = False
 
 
 class Router:
-    """Owns the pod snapshot, the strategies and the in-flight counts of one router process."""
+    """Owns the pod snapshot, the strategies and the per-pod state of one router process."""
 
-    def __init__(self, settings: RoutingSettings | None = None, *,
-                 strategies: dict[str, Strategy] | None = None, rng: random.Random | None = None,
-                 load: LoadTracker | None = None) -> None:
+    def __init__(self, settings: RoutingSettings | None = None, *, rng: random.Random | None = None,
+                 load: LoadTracker | None = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings or RoutingSettings()
-        self.strategies = (strategies if strategies is not None
-                           else builtin_strategies(prefix_cache=self.settings.prefix_cache))
+        pc = self.settings.prefix_cache
+        pc.validate()
         self.rng = rng or random.Random()
-        self.load = load or LoadTracker(prefill_rate=self.settings.prefix_cache.prefill_tokens_per_s)
+        self.load = load or LoadTracker(prefill_rate=pc.prefill_tokens_per_s)
+        self.stats = PodStats(self.load, default_kv_tokens=pc.pod_kv_tokens)
+        self.prefix_index = new_prefix_index(pc)
+        self.strategies: dict[str, Strategy] = builtin_strategies(prefix_cache=pc, index=self.prefix_index,
+                                                                     clock=clock)
+        self._pickers = {n: s for n, s in self.strategies.items() if isinstance(s, Picker)}
+        self._planners = {n: s for n, s in self.strategies.items() if isinstance(s, Planner)}
+        self._scorers = {n: s for n, s in self.strategies.items() if isinstance(s, Scorer)}
+        self._observers = {n: s for n, s in self.strategies.items() if isinstance(s, Observer)}
         self.snapshot = PodSnapshot({})
         if self.settings.default_strategy and self.settings.default_strategy not in self.strategies:
             raise ValueError(f"ROUTING_ALGORITHM={self.settings.default_strategy!r} is not a known strategy; "
@@ -77,14 +93,22 @@ class Router:
     def strategy_names(self) -> list[str]:
         return sorted(self.strategies)
 
+    def reporters(self) -> list[Reporter]:
+        """Strategies that report metrics of their own."""
+        return [s for s in self.strategies.values() if isinstance(s, Reporter)]
+
     def update_snapshot(self, snapshot: PodSnapshot) -> None:
         self.snapshot = snapshot
         keep = {p.key for m in snapshot.models.values() for p in m.pods}
         ready = {p.key for m in snapshot.models.values() for p in m.ready}
-        self.load.forget(keep)
-        for strategy in self.strategies.values():
-            if isinstance(strategy, PodStateOwner):
-                strategy.retain_pods(keep, ready)
+        self.stats.retain(keep)
+        # A pod failing its health checks is dying or restarting, and a restarted engine comes back
+        # with an empty KV cache: routing there by its old prefixes would be routing to misses.
+        self.prefix_index.retain_pods(ready)
+
+    def flush_prefix_index(self) -> int:
+        """Forget every prefix (the pods' caches were flushed); returns the entries dropped."""
+        return self.prefix_index.clear()
 
     def resolve_strategy(self, header: str | None, profile: ProfileChoice | None = None) -> tuple[str, str]:
         """Strategy name and where it came from, by the reference's precedence:
@@ -110,62 +134,55 @@ class Router:
                profile: ProfileChoice | None = None) -> Decision:
         """Pick a pod for `request` and count it in flight. Raises RoutingError (404/400/503)."""
         entry = self.model_entry(request.model)
-        name, source = self.resolve_strategy(strategy_header, profile)
-        strategy = self.strategies.get(name)
-        if strategy is None and is_multi(name):
-            return self._decide_weighted(request, entry, name, source, profile)
-        if strategy is None:
+        name, _ = self.resolve_strategy(strategy_header, profile)
+        profile_name = profile.name if profile else None
+        if name not in self.strategies:
+            if is_multi(name):
+                return self._decide_weighted(request, entry, name, profile_name)
             raise RoutingError(400, f"incorrect routing strategy {name!r}; valid strategies: "
                                f"{', '.join(self.strategy_names())}", code="invalid_routing_strategy",
                                param="routing-strategy", cause="routing")
-        ready = entry.ready
-        if not ready:
-            raise RoutingError(503, f"no ready pod for model `{request.model}` "
-                               f"({len(entry.pods)} known, 0 passing health checks)",
-                               code="service_unavailable", cause="no-model-backends")
-        plan_step = getattr(strategy, "plan", None)
-        if plan_step is not None:
-            plan = plan_step(request, entry, self.load, self.rng, profile.name if profile else None)
-            self.load.acquire(plan.decode.key)
-            return Decision(pod=plan.decode, model=request.model, strategy=name, strategy_source=source,
-                            profile=profile.name if profile else None, echo=request.annotations,
-                            prefill=plan.prefill, engine=plan.engine)
-        pod = strategy.pick(request, ready, self.load, self.rng)
-        prefill = _prefill_tokens(request)
-        self.load.acquire(pod.key, prefill)
-        return Decision(pod=pod, model=request.model, strategy=name, strategy_source=source,
-                        profile=profile.name if profile else None, echo=request.annotations,
-                        prefill_tokens=prefill)
+        ready = _ready(entry, request)
+        ctx = DecisionContext(request, self.stats, self.rng, profile_name)
+        planner = self._planners.get(name)
+        choice = planner.plan(ctx, entry) if planner is not None else self._pickers[name].pick(ctx, ready)
+        return self._book(request, name, profile_name, choice)
 
-    def _decide_weighted(self, request: RoutingRequest, entry: ModelEntry, spec: str, source: str,
-                         profile: ProfileChoice | None) -> Decision:
+    def _decide_weighted(self, request: RoutingRequest, entry: ModelEntry, spec: str,
+                         profile_name: str | None) -> Decision:
         """`name:weight,...`: every strategy scores every ready pod; the best weighted sum wins."""
-        parts = parse_spec(spec, self.strategy_names())
-        scorers = []
+        parts = parse_spec(spec, self.strategy_names(), solo=self._planners.keys())
+        scorers: list[tuple[int, Scorer]] = []
         for part in parts:
-            strategy = self.strategies[part.name]
-            if not hasattr(strategy, "score"):
+            scorer = self._scorers.get(part.name)
+            if scorer is None:
                 raise RoutingError(400, f"routing strategy {part.name!r} cannot be combined with others",
                                    code="invalid_routing_strategy", param="routing-strategy", cause="routing")
-            scorers.append((part.weight, strategy))
-        ready = entry.ready
-        if not ready:
-            raise RoutingError(503, f"no ready pod for model `{request.model}` "
-                               f"({len(entry.pods)} known, 0 passing health checks)",
-                               code="service_unavailable", cause="no-model-backends")
-        per_strategy = [(w, normalise(s.score(request, ready, self.load, self.rng), s.higher_is_better))
-                        for w, s in scorers]
+            scorers.append((part.weight, scorer))
+        ready = _ready(entry, request)
+        ctx = DecisionContext(request, self.stats, self.rng, profile_name)
+        per_strategy = [(w, normalise(s.score(ctx, ready), s.higher_is_better)) for w, s in scorers]
         pod = ready[combine(per_strategy, self.rng)]
-        for _, s in scorers:
+        prefill: int | None = None
+        annotations: dict[str, str] = {}
+        for part in parts:
             # Strategies with state (the prefix index) learn the combination's pick.
-            observe = getattr(s, "observe", None)
-            if observe is not None:
-                observe(request, pod)
-        prefill = _prefill_tokens(request)
-        self.load.acquire(pod.key, prefill)
+            observer = self._observers.get(part.name)
+            if observer is not None:
+                seen = observer.observe(ctx, pod)
+                prefill = seen.prefill_tokens if prefill is None else prefill
+                annotations.update(seen.annotations)
         canonical = ",".join(f"{p.name}:{p.weight}" for p in parts)
-        return Decision(pod=pod, model=request.model, strategy=canonical, strategy_source=source,
-                        profile=profile.name if profile else None, echo=request.annotations,
+        return self._book(request, canonical, profile_name, Choice(pod, prefill, annotations))
+
+    def _book(self, request: RoutingRequest, strategy: str, profile_name: str | None, choice: Choice) -> Decision:
+        """Count the chosen pod in flight with the prefill work it was given, and say so."""
+        prefill = choice.prefill_tokens
+        if prefill is None:
+            prefill = int(len(request.prompt) / BYTES_PER_TOKEN)
+        self.load.acquire(choice.pod.key, prefill)
+        return Decision(pod=choice.pod, model=request.model, strategy=strategy, profile=profile_name,
+                        echo=choice.annotations, prefill=choice.prefill, engine=choice.engine,
                         prefill_tokens=prefill)
 
     def release(self, decision: Decision) -> None:
@@ -175,8 +192,9 @@ class Router:
             self.load.release(decision.pod.key, decision.prefill_tokens)
 
 
-def _prefill_tokens(request: RoutingRequest) -> int:
-    """Prefill work to book for `request`: a cache-aware strategy's estimate, else the whole prompt."""
-    if request.prefill_tokens is not None:
-        return request.prefill_tokens
-    return int(len(request.prompt) / BYTES_PER_TOKEN)
+def _ready(entry: ModelEntry, request: RoutingRequest) -> tuple[Pod, ...]:
+    if not entry.ready:
+        raise RoutingError(503, f"no ready pod for model `{request.model}` "
+                           f"({len(entry.pods)} known, 0 passing health checks)",
+                           code="service_unavailable", cause="no-model-backends")
+    return entry.ready

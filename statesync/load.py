@@ -37,7 +37,7 @@ class LoadSync:
     """Publishes this replica's in-flight counts and feeds the others' into `load`."""
 
     def __init__(self, load: LoadTracker, *, replica_id: str, layout: KeyLayout, writer: PipelinedRedis,
-                 metrics: StateSyncMetrics, state: SyncState, errors: ErrorLog, interval: float = 0.1,
+                 metrics: StateSyncMetrics, state: SyncState, errors: ErrorLog, interval: float,
                  stale_after: float = 1.0, forget_after: float = 30.0, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.load = load

@@ -55,14 +55,15 @@ _APPLY_SLICE = 64  # stream entries applied between two yields to the event loop
 
 @dataclass(frozen=True, slots=True)
 class PrefixSyncSettings:
-    """Timing and bounds of prefix-index replication (defaults: see the module docstring)."""
+    """Timing and bounds of prefix-index replication. The first four come from StateSyncSettings
+    (`prefix_settings`), where their defaults are; the rest are fixed here."""
 
-    flush_interval: float = 0.005
+    flush_interval: float
+    stream_maxlen: int
+    snapshot_interval: float
+    snapshot_ttl: float
     max_message_bytes: int = 4096  # one stream entry's payload, at most (a longer delta is split)
     max_pending_hashes: int = 131_072  # outgoing queue while Redis is unreachable (1 MiB of hashes)
-    stream_maxlen: int = 10_000
-    snapshot_interval: float = 10.0
-    snapshot_ttl: float = 120.0
     read_count: int = 256  # stream entries per XREAD
     block_ms: int = 1000
     backoff_initial: float = 0.05

@@ -28,17 +28,18 @@ log = logging.getLogger("extproc_router.statesync")
 
 @dataclass(frozen=True, slots=True)
 class StateSyncSettings:
-    """Where Redis is and how often to sync (RouterConfig's `redis_*` and `statesync_*`)."""
+    """Where Redis is and how often to sync (RouterConfig's `redis_*` and `statesync_*`, which take
+    their defaults from here: config.STATESYNC_FIELDS maps the names)."""
 
     redis_host: str
     redis_port: int = 6379
     redis_password: str | None = None
     redis_tls: bool = False
-    flush_interval: float = 0.005
-    snapshot_interval: float = 10.0
-    stream_maxlen: int = 10_000
-    load_interval: float = 0.1
-    namespace: str = DEFAULT_NAMESPACE
+    flush_interval: float = 0.005  # new deltas are published this long after the first of them, as one entry
+    snapshot_interval: float = 10.0  # seconds between this replica's compacted snapshots
+    stream_maxlen: int = 10_000  # stream entries Redis keeps (XADD MAXLEN ~): bounds its memory
+    load_interval: float = 0.1  # share in-flight counts this often (the reference's period)
+    namespace: str = DEFAULT_NAMESPACE  # key prefix: fleets sharing one Redis need different ones
     start_timeout: float = 3.0  # how long `start` waits to catch up before routing begins anyway
 
     def prefix_settings(self) -> PrefixSyncSettings:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
-import aiohttp
-
+from extproc_router.discovery.poller import PodPoller
 from routing.pods import Pod
 
 log = logging.getLogger("extproc_router.health")
 
 
-class HealthProber:
+class HealthProber(PodPoller):
     """Probes pods at a fixed interval and reports the set of healthy pod keys when it changes.
 
     A new pod counts as not ready until its first probe succeeds (Kubernetes readiness semantics);
@@ -23,65 +21,39 @@ class HealthProber:
 
     def __init__(self, on_change: Callable[[set[str]], None], *, interval: float = 1.0,
                  timeout: float = 1.0, unhealthy_threshold: int = 1, path: str = "/health") -> None:
+        # A fresh connection per probe: a pod that hangs must not pass on a pooled one.
+        super().__init__(interval=interval, timeout=timeout, name="health-prober", keepalive=False)
         self._on_change = on_change
-        self.interval = interval
-        self.timeout = timeout
         self.unhealthy_threshold = max(1, unhealthy_threshold)
         self.path = path
-        self._pods: dict[str, Pod] = {}
         self._healthy: set[str] = set()
         self._failures: dict[str, int] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._wake = asyncio.Event()
 
     @property
     def healthy(self) -> set[str]:
         return set(self._healthy)
 
-    def set_pods(self, pods: Iterable[Pod]) -> None:
+    def set_pods(self, pods: Iterable[Pod]) -> bool:
         """Replace the probed set; probes the new set right away."""
-        self._pods = {p.key: p for p in pods}
+        added = super().set_pods(pods)
         gone = self._healthy - set(self._pods)
         if gone:
             self._healthy -= gone
         self._failures = {k: v for k, v in self._failures.items() if k in self._pods}
         self._wake.set()
+        return added
 
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            connector=aiohttp.TCPConnector(limit=0, force_close=True))
-        await self.probe_all()
-        self._task = asyncio.create_task(self._loop(), name="health-prober")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-
-    async def _loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            self._wake.clear()
-            try:
-                await self.probe_all()
-            except Exception:  # never let one bad round stop health checking
-                log.exception("health probe round failed")
+    async def start(self, first_round: bool = True) -> None:
+        await super().start(first_round)
 
     async def _probe(self, pod: Pod) -> bool:
-        assert self._session is not None
-        try:
-            async with self._session.get(f"http://{pod.address}{self.path}") as resp:
-                await resp.read()
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return False
+        answer = await self.get(pod, self.path)
+        return answer is not None and answer[0] == 200
 
     async def probe_all(self) -> None:
+        await self.poll_all()
+
+    async def poll_all(self) -> None:
         pods = list(self._pods.values())
         if not pods:
             return

@@ -7,17 +7,15 @@ not only by what this router sent: other routers and direct clients load the sam
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
-import aiohttp
-
+from extproc_router.discovery.poller import PodPoller
 from routing.pods import Pod
+from routing.stats import EngineStats
 
 log = logging.getLogger("extproc_router.pod_metrics")
 
@@ -39,13 +37,7 @@ _GPU_BLOCKS = re.compile(rb'[{,]\s*num_gpu_blocks="([^"]*)"')
 _BLOCK_SIZE = re.compile(rb'[{,]\s*block_size="([^"]*)"')
 
 
-@dataclass(frozen=True, slots=True)
-class PodMetrics:
-    running: float = 0.0
-    waiting: float = 0.0
-    kv_usage: float = 0.0  # 0..1
-    scraped_at: float = 0.0
-    kv_capacity_tokens: float = 0.0  # KV-cache size the engine reports; 0 = unknown
+PodMetrics = EngineStats  # what one scrape of one pod yields
 
 
 def parse_metrics(text: bytes) -> PodMetrics:
@@ -85,7 +77,7 @@ def parse_metrics(text: bytes) -> PodMetrics:
         capacity = vllm_capacity if vllm_capacity > 0 else 0.0  # nan > 0 is False
     else:
         capacity = values.get("kv_capacity_tokens", 0.0)
-    return PodMetrics(running=values.get("running", 0.0), waiting=values.get("waiting", 0.0),
+    return EngineStats(running=values.get("running", 0.0), waiting=values.get("waiting", 0.0),
                       kv_usage=values.get("kv_usage", 0.0), scraped_at=time.monotonic(),
                       kv_capacity_tokens=capacity if math.isfinite(capacity) else 0.0)
 
@@ -103,7 +95,7 @@ def _cache_config_tokens(labels: bytes) -> float:
     return tokens if math.isfinite(tokens) and tokens > 0 else math.nan
 
 
-class PodMetricsScraper:
+class PodMetricsScraper(PodPoller):
     """Scrapes a set of pods every `interval` and publishes {pod key: PodMetrics}; a pod whose scrape
     fails is left out (callers treat missing metrics as unknown, not as idle).
 
@@ -114,42 +106,14 @@ class PodMetricsScraper:
 
     def __init__(self, publish: Callable[[dict[str, PodMetrics]], None], *, interval: float = 0.1,
                  timeout: float = 0.5, name: str = "pod-metrics") -> None:
+        super().__init__(interval=interval, timeout=timeout, name=name)
         self._publish = publish
-        self.interval = interval
-        self.timeout = timeout
-        self.name = name
-        self._pods: dict[str, Pod] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    def set_pods(self, pods: Iterable[Pod]) -> None:
-        old = self._pods
-        self._pods = {p.key: p for p in pods}
-        if not self._pods.keys() <= old.keys():
-            self._wake.set()
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                              connector=aiohttp.TCPConnector(limit=0))
-        self._task = asyncio.create_task(self._loop(), name=self.name)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
 
     async def _scrape(self, pod: Pod) -> tuple[str, PodMetrics | None]:
-        assert self._session is not None
-        try:
-            async with self._session.get(f"http://{pod.address}/metrics") as resp:
-                if resp.status != 200:
-                    return pod.key, None
-                return pod.key, parse_metrics(await resp.read())
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        answer = await self.get(pod, "/metrics")
+        if answer is None or answer[0] != 200:
             return pod.key, None
+        return pod.key, parse_metrics(answer[1])
 
     async def scrape_once(self) -> dict[str, PodMetrics]:
         results = await asyncio.gather(*(self._scrape(p) for p in list(self._pods.values())))
@@ -157,14 +121,5 @@ class PodMetricsScraper:
         self._publish(out)
         return out
 
-    async def _loop(self) -> None:
-        while True:
-            # Cleared before the round: pods added while it runs set it again and get the next one.
-            self._wake.clear()
-            if self._pods:
-                try:
-                    await self.scrape_once()
-                except Exception:  # keep scraping whatever one round did
-                    log.exception("%s scrape failed", self.name)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+    async def poll_all(self) -> None:
+        await self.scrape_once()

@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from extproc_router.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
+from extproc_router.argtypes import (
+    add_subcommand,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from extproc_router.loadtest.workloads import WORKLOADS, WorkloadSpec
 
 if TYPE_CHECKING:  # the runner pulls in aiohttp; `extproc-router --help` should not pay for it
@@ -49,23 +55,14 @@ Ctrl-C stops sending and writes what was measured; a second Ctrl-C aborts.
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``loadtest`` subcommand to a parent command's subparsers."""
-    parser = subparsers.add_parser(
+    add_subcommand(
+        subparsers,
         "loadtest",
         help="measure routing quality: latency, throughput, load spread and prefix-cache hit rate",
         description=DESCRIPTION,
-        formatter_class=_HelpFormatter,
+        add_arguments=add_arguments,
+        run=run,
     )
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults (except empty ones) and keeps the description's line breaks."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.default == []:
-            return action.help or ""
-        return super()._get_help_string(action) or ""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -242,7 +239,3 @@ async def _run_arms_and_report(args: argparse.Namespace, settings: RunSettings, 
     if stop.is_set():
         return 130
     return 0 if any(a["summary"]["ok"] for a in report["arms"]) else 1
-
-
-
-

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,37 @@ def window(now: float, seconds: int) -> tuple[int, int]:
     return idx, max(1, math.ceil((idx + 1) * seconds - now))
 
 
+class Limiter(Protocol):
+    """What request control needs of a rate limiter (LocalLimiter, RedisLimiter)."""
+
+    def check_request_now(self, user: str | None, limits: UserLimits | None, model: str,
+                          model_rps: float | None) -> Verdict | None:
+        """The verdict when it can be given without waiting (in-process counts); None: await
+        `check_request`."""
+        ...
+
+    async def check_request(self, user: str | None, limits: UserLimits | None, model: str,
+                            model_rps: float | None) -> Verdict: ...
+
+    def user_limits_now(self, user: str) -> UserLimits | Lookup | None:
+        """Limits of a user the configuration does not list, when known without waiting; `LOOKUP`:
+        await `user_limits` (a shared store)."""
+        ...
+
+    async def user_limits(self, user: str) -> UserLimits | None: ...
+
+    async def add_tokens(self, user: str, tokens: int) -> None: ...
+
+
+class Lookup(enum.Enum):
+    """`user_limits_now`'s answer when only the shared store knows."""
+
+    NEEDED = "lookup"
+
+
+LOOKUP = Lookup.NEEDED
+
+
 class LocalLimiter:
     """Fixed-window counters in this process. With several router replicas each counts alone, so a
     user's effective limit is N x the configured one: use Redis (REDIS_HOST) to share the budget."""
@@ -56,6 +89,12 @@ class LocalLimiter:
     async def check_request(self, user: str | None, limits: UserLimits | None, model: str,
                             model_rps: float | None) -> Verdict:
         return self.check_request_now(user, limits, model, model_rps)
+
+    def user_limits_now(self, user: str) -> UserLimits | None:
+        return None  # nothing beyond the configuration, which request control reads itself
+
+    async def user_limits(self, user: str) -> UserLimits | None:
+        return None
 
     def check_request_now(self, user: str | None, limits: UserLimits | None, model: str,
                           model_rps: float | None) -> Verdict:

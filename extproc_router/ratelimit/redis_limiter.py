@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import orjson
 
-from extproc_router.ratelimit.limits import UserLimits, Verdict, window
+from extproc_router.ratelimit.limits import LOOKUP, Lookup, UserLimits, Verdict, window
 from extproc_router.resp import PipelinedRedis, RespError
 
 RedisError = (RespError, ConnectionError, OSError, TimeoutError)
@@ -69,6 +69,13 @@ class RedisLimiter:
             self._last_warning = now
         if self._on_error:
             self._on_error(what)
+
+    def check_request_now(self, user: str | None, limits: UserLimits | None, model: str,
+                          model_rps: float | None) -> None:
+        return None  # always a Redis round trip
+
+    def user_limits_now(self, user: str) -> Lookup:
+        return LOOKUP
 
     async def user_limits(self, user: str) -> UserLimits | None:
         """Limits stored under aibrix-users/<user>, cached briefly; None when absent."""

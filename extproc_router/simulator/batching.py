@@ -51,8 +51,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from extproc_router.simulator.engine import EngineConfig, Sequence
+from extproc_router.simulator.config import EngineConfig
 from extproc_router.simulator.kv_cache import KVCache
+from extproc_router.simulator.sequence import Sequence, count_by_model
 
 __all__ = ["BatchingEngine", "KVSequence"]
 
@@ -232,11 +233,11 @@ class BatchingEngine:
 
     def running_by_model(self) -> dict[str, int]:
         """Running sequence count per model name."""
-        return _count_by_model(self._running)
+        return count_by_model(self._running)
 
     def waiting_by_model(self) -> dict[str, int]:
         """Waiting sequence count per model name."""
-        return _count_by_model(self._waiting)
+        return count_by_model(self._waiting)
 
     def prefix_cache_by_model(self) -> dict[str, tuple[int, int]]:
         """(prompt tokens queried, prompt tokens found cached) per model since the last reset."""
@@ -645,10 +646,3 @@ class BatchingEngine:
             waiter.set_result(None)  # next_token then sees the state and raises
         # Freed blocks may let the queue head in; make sure an idle scheduler looks again.
         self._wake.set()
-
-
-def _count_by_model(seqs: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for seq in seqs:
-        counts[seq.model] = counts.get(seq.model, 0) + 1
-    return counts

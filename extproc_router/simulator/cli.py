@@ -10,7 +10,14 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
-from extproc_router.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
+from extproc_router.argtypes import (
+    HelpFormatter,
+    add_subcommand,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from extproc_router.simulator.config import DEFAULT_BOOTSTRAP_PORT, ROLES, SimConfig
 
 log = logging.getLogger("simulator")
@@ -50,25 +57,16 @@ most --bootstrap-timeout-s, then 503. Without transfer fields any role serves a 
 """
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults (except empty ones) and keeps the description's line breaks."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or isinstance(action.default, bool):  # switches speak for themselves
-            return action.help or ""
-        return super()._get_help_string(action) or ""
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sim`` subcommand to a parent command's subparsers."""
-    parser = subparsers.add_parser(
+    add_subcommand(
+        subparsers,
         "sim",
         help="run a simulated vLLM model pod (OpenAI-compatible, no GPU)",
         description=DESCRIPTION,
-        formatter_class=_HelpFormatter,
+        add_arguments=add_arguments,
+        run=run,
     )
-    add_arguments(parser)
-    parser.set_defaults(func=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -290,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m extproc_router.simulator",
         description=DESCRIPTION,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))

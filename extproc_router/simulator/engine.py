@@ -30,62 +30,15 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-Timing = Literal["fixed", "model"]
+from extproc_router.simulator.batching import BatchingEngine
+from extproc_router.simulator.config import EngineConfig
+from extproc_router.simulator.sequence import Sequence, count_by_model
 
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """Timing and capacity knobs of the simulated engine (times in seconds).
-
-    The ``model`` timing defaults describe roughly an 8B dense model (Llama-3-8B shape: 32
-    layers, 8 KV heads of 128 dims, bf16) on one H100 SXM under vLLM:
-
-    * prefill 12 000 tokens/s: a prompt token costs ~2 x 8e9 = 16 GFLOP; 12k tokens/s is ~20 % of
-      the H100's 989 dense bf16 TFLOPS, a conservative allowance for attention, chunking and
-      kernel overheads on long prompts (a 6000-token prompt takes 0.5 s to first token);
-    * decode step 8 ms + 0.08 ms per running sequence: every step streams the 16 GB of weights
-      (4.8 ms at 3.35 TB/s) plus launch, sampling and scheduling overhead (~125 tokens/s for a
-      lone stream), and each sequence adds its KV read, 128 KiB per context token, i.e. ~256 MiB
-      or ~0.08 ms for a ~2k-token context; 256 sequences then take ~28 ms a step (~9k tokens/s);
-    * ``max_num_batched_tokens`` 8192: vLLM's OpenAI-server default on >= 70 GB GPUs such as
-      the H100; ``max_num_seqs`` 256: vLLM's long-standing default;
-    * KV transfer 3 ms per 1k tokens: 1k tokens of KV are 128 MiB, ~2.7 ms over one 400 Gb/s NIC;
-    * ``kv_capacity_tokens`` 65 536: deliberately ~1/7 of what that H100 holds (~450k tokens
-      after weights and activations at 0.9 memory utilisation). Routing quality shows once the
-      shared prefixes need more KV than one pod holds; at this size a shared-prefix benchmark
-      that overflows one pod (e.g. 24 groups x 6000-token prefixes = 144k tokens) but fits in
-      four stays small enough to run in seconds per arm on two CPU cores, where an H100-sized
-      cache would need > 450k distinct prefix tokens per pod, minutes of simulated prefill per
-      arm and millions of tokens to tokenize. Use ``--kv-capacity-tokens 450000`` for H100 scale.
-    """
-
-    ttft_s: float = 0.020
-    itl_s: float = 0.005
-    jitter: float = 0.0
-    """Each delay (fixed) or step time (model) is multiplied by a uniform factor in [1 - jitter, 1 + jitter]."""
-    seed: int | None = 0
-    max_num_seqs: int = 256
-    kv_capacity_tokens: int = 65536
-    timing: Timing = "fixed"
-    """``fixed``: constant TTFT/ITL (`Engine`); ``model``: KV cache + continuous batching (`BatchingEngine`)."""
-    block_size: int = 16
-    prefix_caching: bool = True
-    max_num_batched_tokens: int = 8192
-    """Token budget of one step (prefill chunk + decodes); 0 = unlimited, i.e. no chunked prefill."""
-    prefill_tokens_per_s: float = 12000.0
-    decode_step_s: float = 0.008
-    decode_s_per_seq: float = 0.00008
-    kv_transfer_s_per_1k_tokens: float = 0.003
-    kv_hold_s: float = 30.0
-    """How long a prefill pod keeps a finished prompt's KV blocks pinned for the decode pod to
-    fetch (vLLM's NIXL producer waits ``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``); 0 = not at all."""
-
-    def transfer_s(self, tokens: int) -> float:
-        """Time to receive ``tokens`` tokens of KV computed by another pod."""
-        return tokens / 1000.0 * self.kv_transfer_s_per_1k_tokens
+# EngineConfig (simulator.config) and Sequence (simulator.sequence) are defined where both engines
+# can import them without importing each other; this module is where the HTTP layer finds them.
+__all__ = ["Engine", "EngineConfig", "Sequence", "SimEngine", "make_engine"]
 
 
 class SimEngine(Protocol):
@@ -146,69 +99,10 @@ class SimEngine(Protocol):
 def make_engine(config: EngineConfig) -> SimEngine:
     """The engine that ``config.timing`` selects."""
     if config.timing == "model":
-        from extproc_router.simulator.batching import BatchingEngine
-
         return BatchingEngine(config)
     if config.timing == "fixed":
         return Engine(config)
     raise ValueError(f"unknown timing mode {config.timing!r}")
-
-
-class Sequence:
-    """One request as the engine sees it: token counts and progress, no HTTP details."""
-
-    __slots__ = (
-        "_next_token_at",
-        "cached_tokens",
-        "generated",
-        "held_block_ids",
-        "hold_id",
-        "kv_transferred",
-        "model",
-        "num_choices",
-        "output_tokens",
-        "prompt_tokens",
-        "remote_tokens",
-    )
-
-    def __init__(
-        self,
-        model: str,
-        prompt_tokens: int,
-        output_tokens: int,
-        num_choices: int = 1,
-        *,
-        kv_transferred: bool = False,
-    ) -> None:
-        self.model = model
-        self.prompt_tokens = prompt_tokens
-        self.output_tokens = output_tokens
-        """Tokens to generate per choice."""
-        self.num_choices = num_choices
-        """Parallel samples (OpenAI ``n`` times the number of batched prompts); they advance together."""
-        self.generated = 0
-        """Tokens generated so far per choice."""
-        self.kv_transferred = kv_transferred
-        """The prompt's KV is computed by a prefill pod and transferred in (a decode pod's half)."""
-        self.cached_tokens = 0
-        """Prompt tokens served from the local prefix cache (block-aligned); always 0 in fixed timing."""
-        self.remote_tokens = 0
-        """Prompt tokens whose KV was transferred in from a prefill pod (set at admission)."""
-        self.hold_id: int | None = None
-        """Set when a prefill pod keeps this finished sequence's KV blocks for a decode pod."""
-        self.held_block_ids: list[int] = []
-        """Ids of the full prompt blocks a prefill pod offers (``kv_transfer_params.remote_block_ids``)."""
-        self._next_token_at = 0.0
-
-    @property
-    def finished(self) -> bool:
-        """True once every token of the sequence has been generated."""
-        return self.generated >= self.output_tokens
-
-    @property
-    def kv_tokens(self) -> int:
-        """Tokens this sequence currently holds in the KV cache."""
-        return self.prompt_tokens + self.generated * self.num_choices
 
 
 class Engine:
@@ -250,17 +144,11 @@ class Engine:
 
     def running_by_model(self) -> dict[str, int]:
         """Running sequence count per model name."""
-        counts: dict[str, int] = {}
-        for seq in self._running:
-            counts[seq.model] = counts.get(seq.model, 0) + 1
-        return counts
+        return count_by_model(self._running)
 
     def waiting_by_model(self) -> dict[str, int]:
         """Waiting sequence count per model name."""
-        counts: dict[str, int] = {}
-        for seq, _ in self._waiting:
-            counts[seq.model] = counts.get(seq.model, 0) + 1
-        return counts
+        return count_by_model(seq for seq, _ in self._waiting)
 
     def prefix_cache_by_model(self) -> dict[str, tuple[int, int]]:
         """(prompt tokens queried, 0) per model: fixed timing has no prefix cache, so nothing hits."""

@@ -347,11 +347,9 @@ class SimServer:
         released, 404 when there was nothing (already released, expired, or never held).
         """
         try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            return _error_response(RequestError(400, "Request body is not valid JSON"))
-        if not isinstance(body, dict):
-            return _error_response(RequestError(400, "Request body must be a JSON object"))
+            body = await _json_object(request)
+        except RequestError as err:
+            return _error_response(err)
         room_id = body.get("room")
         block_ids = body.get("block_ids", body.get("remote_block_ids"))
         found = False
@@ -424,11 +422,9 @@ class SimServer:
 
     async def _set_faults(self, request: web.Request) -> web.Response:
         try:
-            update = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            return _error_response(RequestError(400, "Request body is not valid JSON"))
-        if not isinstance(update, dict):
-            return _error_response(RequestError(400, "Request body must be a JSON object"))
+            update = await _json_object(request)
+        except RequestError as err:
+            return _error_response(err)
         unknown = sorted(set(update) - _FAULT_NAMES)
         if unknown:
             return _error_response(RequestError(400, f"Unknown fault switches: {', '.join(unknown)}"))
@@ -738,6 +734,17 @@ def _dumps(obj: Any) -> str:
 
 def _error_response(err: RequestError) -> web.Response:
     return web.Response(status=err.status, body=err.body(), headers=_JSON_HEADERS)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    """The JSON object a ``/sim/*`` request carries; RequestError (400) for anything else."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise RequestError(400, "Request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "Request body must be a JSON object")
+    return body
 
 
 async def start_sim(config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> SimServer:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
-from routing.load import LoadTracker
 from routing.pods import Pod
-from routing.request import RoutingRequest
+from routing.strategies.base import Choice, DecisionContext
 
 
 class LeastRequestStrategy:
     name = "least-request"
     higher_is_better = False
 
-    def pick(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker,
-             rng: random.Random) -> Pod:
+    def pick(self, ctx: DecisionContext, pods: Sequence[Pod]) -> Choice:
+        load = ctx.load
         best: list[Pod] = []
         best_n = -1
         for pod in pods:
@@ -24,8 +22,8 @@ class LeastRequestStrategy:
                 best, best_n = [pod], n
             elif n == best_n:
                 best.append(pod)
-        return best[rng.randrange(len(best))] if len(best) > 1 else best[0]
+        return Choice(best[ctx.rng.randrange(len(best))] if len(best) > 1 else best[0])
 
-    def score(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker,
-              rng: random.Random) -> list[float]:
+    def score(self, ctx: DecisionContext, pods: Sequence[Pod]) -> list[float]:
+        load = ctx.load
         return [float(load.inflight(p.key)) for p in pods]

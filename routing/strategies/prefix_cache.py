@@ -35,16 +35,19 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from routing.block_hash import DEFAULT_HASH_SEED, chain_hashes
 from routing.load import LoadTracker
-from routing.pods import Pod
+from routing.pods import Pod, PodSnapshot
 from routing.prefix_index import PrefixIndex
+from routing.report import MetricFamily
 from routing.request import RoutingRequest
+from routing.stats import PodStats
+from routing.strategies.base import Choice, DecisionContext
 from routing.tokenizers import BYTES_PER_TOKEN, CHARACTER, TIKTOKEN, TOKENIZER_TYPES, Tokenizer, make_tokenizer
 
 MATCH_HEADER = "x-prefix-cache-match"
@@ -151,7 +154,7 @@ class PrefixCacheSettings:
 
 @dataclass(slots=True)
 class _Prompt:
-    """One request's hashed prompt, kept between `score` and `observe` of a weighted decision."""
+    """One request's hashed prompt, kept in the decision's scratch between `score` and `observe`."""
 
     hashes: np.ndarray
     tokens: float  # estimated model tokens of the whole prompt
@@ -159,8 +162,8 @@ class _Prompt:
 
 
 class PrefixCacheStrategy:
-    """The `prefix-cache` strategy; also a scorer for weighted combinations and the index owner
-    `pd` can share (`match_shares`, `observe`)."""
+    """The `prefix-cache` strategy: a picker, a scorer and observer for weighted combinations, and
+    the prefix matcher `pd` uses for its prefill pick (`match_shares`, `observe`)."""
 
     name = "prefix-cache"
     higher_is_better = True
@@ -172,89 +175,63 @@ class PrefixCacheStrategy:
         self.settings = s
         self.tokenizer = tokenizer or make_tokenizer(s.tokenizer_type)
         self.block_size = s.block_size or DEFAULT_BLOCK_SIZE[self.tokenizer.name]
-        self.index = index if index is not None else PrefixIndex(s.block_number, s.eviction_duration_mins * 60.0,
-                                                                 live_horizon=s.kv_window_s)
+        self.index = index if index is not None else new_prefix_index(s)
         self._clock = clock
         self._block_bytes = self.block_size * self.tokenizer.unit_bytes
         self._block_tokens = self.block_size / self.tokenizer.units_per_token
         self._max_units = s.max_prefix_blocks * self.block_size
-        self._scratch: tuple[RoutingRequest, _Prompt] | None = None
-        # Pod key -> KV-cache capacity in tokens, as the engine reports it (serve's capacity scraper
-        # sets it from vLLM's cache_config_info / SGLang's max_total_num_tokens); a pod missing
-        # here falls back to `pod_kv_tokens`, and without either its cache pressure is not scored.
-        self.kv_capacity: dict[str, float] = {}
-        # Pod key -> requests its engine reports waiting (serve's 100 ms metrics scraper); a pod
-        # missing here adds nothing.
-        self.engine_waiting: dict[str, float] = {}
         self._pods_seen: Sequence[Pod] = ()
         self._pod_keys: tuple[str, ...] = ()
-        # Plain ints on the request path; ext_proc/metrics.py reads them at scrape time.
+        # Plain ints on the request path; `report` reads them at scrape time.
         self.decisions: dict[tuple[str, str], int] = {}  # (model, match percent bucket)
         self.selections: dict[tuple[str, str], int] = {}  # (model, selection)
         self.imbalance: dict[str, int] = {}  # model -> abs-imbalance rule fired
         self.ignored_matches: dict[str, int] = {}  # model -> best match below min_match_pct
         self.errors: dict[tuple[str, str], int] = {}  # (model, reason)
 
-    # -- Strategy ------------------------------------------------------------------------------
-    def pick(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker, rng: random.Random) -> Pod:
+    # -- Picker ----------------------------------------------------------------------------------
+    def pick(self, ctx: DecisionContext, pods: Sequence[Pod]) -> Choice:
         now = self._clock()
+        request = ctx.request
         prompt = self._hash(request, pods, now)
         valid = self._usable(request.model, prompt)
         if self.settings.load_guard == GUARD_COST:
-            pod, selection = self._by_cost(pods, valid, prompt.tokens, load, rng, now)
+            pod, selection = self._by_cost(pods, valid, prompt.tokens, ctx.stats, ctx.rng, now)
         else:
-            pod, selection = self._by_stddev(request.model, pods, valid, load, rng)
-        self._record(request, prompt, pod, selection, now)
-        return pod
+            pod, selection = self._by_stddev(request.model, pods, valid, ctx.load, ctx.rng)
+        return self._record(request, prompt, pod, selection, now)
 
-    # -- ScoringStrategy (weighted combinations) ---------------------------------------------------
-    def score(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker,
-              rng: random.Random) -> list[float]:
+    # -- Scorer / Observer (weighted combinations) ------------------------------------------------
+    def score(self, ctx: DecisionContext, pods: Sequence[Pod]) -> list[float]:
         """Matched share of the prompt per pod (0 below `min_match_pct`); `observe` then records
         the combination's pick."""
-        prompt = self._hash(request, pods, self._clock())
-        self._scratch = (request, prompt)
-        valid = self._usable(request.model, prompt)
+        prompt = self._hash(ctx.request, pods, self._clock())
+        ctx.scratch[self.name] = prompt
+        valid = self._usable(ctx.request.model, prompt)
         n = len(prompt.hashes)
         return [valid.get(p.key, 0) / n if n else 0.0 for p in pods]
 
-    def observe(self, request: RoutingRequest, pod: Pod, selection: str = SEL_WEIGHTED) -> None:
-        """`request` was routed to `pod` by something else (a weighted combination, `pd`'s prefill
-        pick): the index learns it, the request gets its uncached-token estimate and header."""
+    def observe(self, ctx: DecisionContext, pod: Pod, selection: str = SEL_WEIGHTED) -> Choice:
+        """`ctx.request` was routed to `pod` by something else (a weighted combination, `pd`'s
+        prefill pick): the index learns it; the choice carries the uncached-token estimate and header."""
         now = self._clock()
-        scratch = self._scratch
-        self._scratch = None
-        prompt = scratch[1] if scratch is not None and scratch[0] is request else self._hash(request, (pod,), now)
-        self._record(request, prompt, pod, selection, now)
+        prompt = ctx.scratch.pop(self.name, None) or self._hash(ctx.request, (pod,), now)
+        return self._record(ctx.request, prompt, pod, selection, now)
 
-    def match_shares(self, request: RoutingRequest, pods: Sequence[Pod]) -> Mapping[str, float]:
-        """Matched share (0..1) of the prompt per pod holding a usable prefix; no side effects."""
-        prompt = self._hash(request, pods, self._clock())
-        self._scratch = (request, prompt)  # pd's `observe` of its prefill pick reuses the hashes
+    def match_shares(self, ctx: DecisionContext, pods: Sequence[Pod]) -> Mapping[str, float]:
+        """Matched share (0..1) of the prompt per pod holding a usable prefix; the hashes stay in the
+        decision's scratch for `observe`."""
+        prompt = self._hash(ctx.request, pods, self._clock())
+        ctx.scratch[self.name] = prompt
         n = len(prompt.hashes)
-        return {k: m / n for k, m in self._usable(request.model, prompt, count=False).items()}
-
-    def clock(self) -> float:
-        """The strategy's wall clock (index timestamps are on it)."""
-        return self._clock()
-
-    def flush(self) -> int:
-        """Forget every prefix (the pods' caches were flushed); returns the entries dropped."""
-        return self.index.clear()
-
-    def retain_pods(self, keep: set[str], ready: set[str] | None = None) -> None:
-        """The snapshot changed: forget the index entries of pods that are gone and of pods that
-        stopped being ready. A pod failing its health checks is dying or restarting, and a restarted
-        engine comes back with an empty KV cache: routing there by its old prefixes would be
-        routing to misses. (One that merely blipped pays one recompute per prefix.)"""
-        self.index.retain_pods(ready if ready is not None else keep)
+        return {k: m / n for k, m in self._usable(ctx.request.model, prompt, count=False).items()}
 
     # -- steps -----------------------------------------------------------------------------------
     def _hash(self, request: RoutingRequest, pods: Sequence[Pod], now: float) -> _Prompt:
         try:
             data, tokens = self.tokenizer.encode(request.prompt, self._max_units)
         except (ValueError, UnicodeError):  # a tokenizer must never fail a request: route unmatched
-            self._count(self.errors, (request.model, "tokenize_failed"))
+            _count(self.errors, (request.model, "tokenize_failed"))
             return _Prompt(np.empty(0, dtype=np.uint64), len(request.prompt) / BYTES_PER_TOKEN, {})
         hashes = chain_hashes(data, self._block_bytes, request.model, self.settings.hash_seed,
                               self.settings.max_prefix_blocks)
@@ -275,31 +252,32 @@ class PrefixCacheStrategy:
         floor = max(1, math.ceil(len(prompt.hashes) * self.settings.min_match_pct / 100.0))
         valid = {k: m for k, m in prompt.matches.items() if m >= floor}
         if not valid and count:
-            self._count(self.ignored_matches, model)
+            _count(self.ignored_matches, model)
         return valid
 
-    def kv_pressure(self, pod_keys: Sequence[str], now: float) -> dict[str, float]:
+    def kv_pressure(self, pod_keys: Sequence[str], stats: PodStats, now: float) -> dict[str, float]:
         """Per pod of known KV capacity: the share (0..1) of its cache taken by what it was sent
         within `kv_window_s` (the index's live blocks), i.e. the chance that a newly cached token
         there evicts one that is still in use. Pods of unknown capacity are left out."""
-        if self.settings.kv_window_s <= 0 or not (self.kv_capacity or self.settings.pod_kv_tokens):
+        if self.settings.kv_window_s <= 0 or not stats.has_capacity():
             return {}
         live = self.index.live_blocks(now)
         out: dict[str, float] = {}
         for key in pod_keys:
-            cap = self.kv_capacity.get(key) or self.settings.pod_kv_tokens
+            cap = stats.capacity(key)
             if cap:
                 out[key] = min(1.0, live.get(key, 0) * self._block_tokens / cap)
         return out
 
-    def _by_cost(self, pods: Sequence[Pod], valid: dict[str, int], tokens: float, load: LoadTracker,
+    def _by_cost(self, pods: Sequence[Pod], valid: dict[str, int], tokens: float, stats: PodStats,
                  rng: random.Random, now: float) -> tuple[Pod, str]:
         per_request = self.settings.cost_request_tokens
         block_tokens = self._block_tokens
         keys = self._keys(pods)
-        pressure = self.kv_pressure(keys, now)
+        pressure = self.kv_pressure(keys, stats, now)
         weight = self.settings.kv_pressure_weight
-        waiting = self.engine_waiting
+        load = stats.load
+        engine = stats.engine
         per_waiting = self.settings.cost_waiting_tokens
         best: list[Pod] = []
         best_key: tuple[float, int] | None = None
@@ -314,8 +292,10 @@ class PrefixCacheStrategy:
             # it is memory-bound and admits nothing). The larger one, not their sum: both count
             # the same queue when it is the prefill that is behind.
             queued = load.queued_prefill(key)
-            if waiting:
-                queued = max(queued, per_waiting * waiting.get(key, 0.0))
+            if engine:
+                reported = engine.get(key)
+                if reported is not None:
+                    queued = max(queued, per_waiting * reported.waiting)
             cost = queued + uncached * (1.0 + weight * pressure.get(key, 0.0)) + per_request * load.inflight(key)
             rank = (cost, -m)  # equal cost: the longer match keeps the cache warm
             if best_key is None or rank < best_key:
@@ -334,7 +314,7 @@ class PrefixCacheStrategy:
         cand_counts = counts
         lo = min(counts)
         if max(counts) - lo > self.settings.imbalance_abs_count:
-            self._count(self.imbalance, model)
+            _count(self.imbalance, model)
             pairs = [(p, c) for p, c in zip(pods, counts, strict=True) if c == lo]
             candidates = [p for p, _ in pairs]
             cand_counts = [c for _, c in pairs]
@@ -356,20 +336,76 @@ class PrefixCacheStrategy:
         tied = [p for p, c in zip(candidates, cand_counts, strict=True) if c == least]
         return (tied[rng.randrange(len(tied))] if len(tied) > 1 else tied[0]), selection
 
-    def _record(self, request: RoutingRequest, prompt: _Prompt, pod: Pod, selection: str, now: float) -> None:
+    def _record(self, request: RoutingRequest, prompt: _Prompt, pod: Pod, selection: str, now: float) -> Choice:
         n = len(prompt.hashes)
         if n:
             self.index.add(prompt.hashes, pod.key, now)
         held = prompt.matches.get(pod.key, 0)
         matched_tokens = held * self._block_tokens
-        request.prefill_tokens = max(0, round(prompt.tokens - matched_tokens))
         share = held / n if n else 0.0
-        request.annotations[MATCH_HEADER] = f"{share:.2f};tokens={round(matched_tokens)};sel={selection}"
         pct = held * 100 // n if n else 0
         bucket = next(label for top, label in _BUCKETS if pct <= top)
-        self._count(self.decisions, (request.model, bucket))
-        self._count(self.selections, (request.model, selection))
+        _count(self.decisions, (request.model, bucket))
+        _count(self.selections, (request.model, selection))
+        return Choice(pod, prefill_tokens=max(0, round(prompt.tokens - matched_tokens)),
+                      annotations={MATCH_HEADER: f"{share:.2f};tokens={round(matched_tokens)};sel={selection}"})
 
-    @staticmethod
-    def _count(counter: dict, key: object) -> None:
-        counter[key] = counter.get(key, 0) + 1
+    # -- Reporter --------------------------------------------------------------------------------
+    def report(self, snapshot: PodSnapshot, stats: PodStats) -> Iterator[MetricFamily]:
+        """Decision counters, the index's size and evictions, and each pod's KV pressure. Names follow
+        the reference's `aibrix_prefix_cache_*` with our prefix."""
+        yield _counter_family("extproc_prefix_cache_routing_decisions", "prefix-cache decisions by the chosen "
+                              "pod's matched share of the prompt, in percent.", ("model", "match_percent_bucket"),
+                              self.decisions)
+        yield _counter_family(
+            "extproc_prefix_cache_routing_selection", "prefix-cache decisions by how the pod was selected: "
+            "prefix_match, prefix_match_skipped (the load guard chose a pod without the prefix), "
+            "least_request_fallback / least_cost_fallback (no usable match), weighted.", ("model", "selection"),
+            self.selections)
+        yield _counter_family("extproc_prefix_cache_load_imbalance", "stddev guard: decisions where the in-flight "
+                              "spread exceeded the absolute imbalance count.", ("model",), self.imbalance)
+        yield _counter_family("extproc_prefix_cache_ignored_matches", "Decisions whose best match was below "
+                              "AIBRIX_PREFIX_CACHE_MIN_MATCH_PCT and so ignored.", ("model",), self.ignored_matches)
+        yield _counter_family("extproc_prefix_cache_routing_errors", "Prompts that could not be tokenized (routed "
+                              "as unmatched).", ("model", "reason"), self.errors)
+        index = self.index
+        entries = MetricFamily("extproc_prefix_cache_index_entries", "gauge", "(block, pod) entries in the prefix "
+                               "index.")
+        entries.add((), len(index))
+        yield entries
+        capacity = MetricFamily("extproc_prefix_cache_index_capacity", "gauge", "AIBRIX_PREFIX_CACHE_BLOCK_NUMBER.")
+        capacity.add((), index.capacity)
+        yield capacity
+        evictions = MetricFamily("extproc_prefix_cache_index_evictions", "counter", "Entries removed from the "
+                                 "prefix index, by reason.", ("reason",))
+        st = index.stats
+        for reason, n in (("capacity", st.evicted_capacity), ("ttl", st.evicted_ttl),
+                          ("overflow", st.evicted_overflow), ("pod_removed", st.removed_pod)):
+            evictions.add((reason,), n)
+        yield evictions
+        pressure = MetricFamily("extproc_prefix_cache_kv_pressure", "gauge", "Share of the pod's KV capacity taken "
+                                "by blocks routed to it within AIBRIX_PREFIX_CACHE_KV_WINDOW_SECONDS (0..1).",
+                                ("model", "pod"))
+        shares = self.kv_pressure([p.key for m in snapshot.models.values() for p in m.pods], stats, self._clock())
+        for entry in snapshot.models.values():
+            for pod in entry.pods:
+                if pod.key in shares:
+                    pressure.add((entry.name, pod.name), shares[pod.key])
+        yield pressure
+
+
+def new_prefix_index(settings: PrefixCacheSettings) -> PrefixIndex:
+    """The index `settings` describe (the router owns it; prefix-cache and pd share it)."""
+    return PrefixIndex(settings.block_number, settings.eviction_duration_mins * 60.0,
+                       live_horizon=settings.kv_window_s)
+
+
+def _counter_family(name: str, help_text: str, labels: tuple[str, ...], counts: dict) -> MetricFamily:
+    family = MetricFamily(name, "counter", help_text, labels)
+    for key, n in list(counts.items()):
+        family.add(key if isinstance(key, tuple) else (key,), n)
+    return family
+
+
+def _count(counter: dict, key: object) -> None:
+    counter[key] = counter.get(key, 0) + 1

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
-from routing.load import LoadTracker
 from routing.pods import Pod
-from routing.request import RoutingRequest
+from routing.strategies.base import Choice, DecisionContext
 
 
 class RandomStrategy:
     name = "random"
     higher_is_better = True
 
-    def pick(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker,
-             rng: random.Random) -> Pod:
-        return pods[rng.randrange(len(pods))] if len(pods) > 1 else pods[0]
+    def pick(self, ctx: DecisionContext, pods: Sequence[Pod]) -> Choice:
+        return Choice(pods[ctx.rng.randrange(len(pods))] if len(pods) > 1 else pods[0])
 
-    def score(self, request: RoutingRequest, pods: Sequence[Pod], load: LoadTracker,
-              rng: random.Random) -> list[float]:
+    def score(self, ctx: DecisionContext, pods: Sequence[Pod]) -> list[float]:
+        rng = ctx.rng
         return [rng.random() for _ in pods]

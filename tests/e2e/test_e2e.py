@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from extproc_router.stack import LocalStack, free_port
-
-CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "Hello!"}]}
+from tests.conftest import CHAT
 
 
 async def post(session: aiohttp.ClientSession, stack: LocalStack, body: object, path: str = "/v1/chat/completions",

@@ -12,9 +12,7 @@ import pytest
 import yaml
 
 from extproc_router.stack import LocalStack, PodSpec, free_port
-from tests.conftest import start_stack
-
-CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "Hello!"}]}
+from tests.conftest import CHAT, running_stack
 
 
 async def served_by(stack: LocalStack, n: int) -> Counter:
@@ -29,11 +27,8 @@ async def served_by(stack: LocalStack, n: int) -> Counter:
 
 @pytest.fixture
 def lifecycle_stack(tmp_path: Path):
-    s = start_stack(tmp_path, ttft_ms=1.0, itl_ms=1.0, health_interval=0.2)
-    try:
+    with running_stack(tmp_path, ttft_ms=1.0, itl_ms=1.0, health_interval=0.2) as s:
         yield s
-    finally:
-        s.stop()
 
 
 async def test_killed_pod_stops_receiving_requests(lifecycle_stack: LocalStack) -> None:

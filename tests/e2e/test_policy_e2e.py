@@ -8,9 +8,7 @@ import aiohttp
 import pytest
 
 from extproc_router.stack import LocalStack
-from tests.conftest import start_stack
-
-CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "Hello!"}]}
+from tests.conftest import CHAT, start_stack
 
 
 async def call(stack: LocalStack, **headers: str) -> tuple[int, dict, dict]:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import aiohttp
 import grpc
-import orjson
 
 from extproc_router.stack import LocalStack
-from tests.conftest import start_stack
+from tests.conftest import content_tokens, start_stack
 
 DRAIN_DELAY = 1.5
 GRACE = 15.0
@@ -57,17 +56,6 @@ async def stream_completion(session: aiohttp.ClientSession, stack: LocalStack,
                 payloads.append(line[6:].strip())
                 first_chunk.set()
         return resp.status, payloads
-
-
-def content_tokens(payloads: list[bytes]) -> int:
-    count = 0
-    for p in payloads:
-        if p == b"[DONE]":
-            continue
-        for choice in orjson.loads(p).get("choices") or ():
-            if (choice.get("delta") or {}).get("content"):
-                count += 1
-    return count
 
 
 async def test_sigterm_finishes_in_flight_streams_and_exits_cleanly(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc_router.stack import LocalStack
-from tests.conftest import start_stack
+from tests.conftest import running_stack, start_stack
 
 MATCH = "x-prefix-cache-match"
 
@@ -27,17 +27,9 @@ MATCH = "x-prefix-cache-match"
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """3 router replicas sharing state through the stack's Redis; snapshots every second."""
-    s = start_stack(tmp_path_factory.mktemp("statesync"), pods=3, replicas=3, redis=True, ttft_ms=5.0, itl_ms=1.0,
-                    health_interval=0.5, router_env={"EXTPROC_ROUTER_STATESYNC_SNAPSHOT_INTERVAL": "1"})
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+    with running_stack(tmp_path_factory.mktemp("statesync"), pods=3, replicas=3, redis=True, ttft_ms=5.0,
+                       itl_ms=1.0, health_interval=0.5,
+                       router_env={"EXTPROC_ROUTER_STATESYNC_SNAPSHOT_INTERVAL": "1"}) as s:
         yield s
 
 

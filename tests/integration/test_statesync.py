@@ -1,13 +1,9 @@
-"""statesync against a real Redis: message encoding, batching, own and foreign stream entries,
-snapshot + tail catch-up, stream trimming, pod removal, shared in-flight load."""
+"""statesync against a real Redis: batching, own and foreign stream entries, snapshot + tail catch-up,
+stream trimming, pod removal, shared in-flight load, a Redis outage."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,34 +14,15 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from extproc_router.config import build_config
 from routing.load import LoadTracker
 from routing.prefix_index import PrefixIndex
 from statesync import KeyLayout, StateSync, StateSyncSettings
 from statesync import statesync_pb2 as pb
-from statesync.codec import (
-    FOREIGN,
-    INVALID,
-    MALFORMED,
-    STREAM_FIELD,
-    DecodeError,
-    DeltaRecord,
-    decode_batch,
-    decode_load,
-    decode_snapshot,
-    encode_batch,
-    encode_load,
-    encode_snapshot,
-)
+from statesync.codec import FOREIGN, INVALID, MALFORMED, STREAM_FIELD, DeltaRecord, encode_batch
+from tests.conftest import chain, start_redis
 
 P0, P1 = "default/pod-0", "default/pod-1"
 LAYOUT = KeyLayout()
-
-
-def chain(seed: int, n: int = 32) -> np.ndarray:
-    """A chain of `n` distinct nonzero uint64 hashes, including values above 2**63."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(1, 2**63, size=n, dtype=np.int64).astype(np.uint64) | np.uint64(1 << 63)
 
 
 def counter(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -112,74 +89,6 @@ def index_of(sync: StateSync) -> PrefixIndex:
 
 def holds(sync: StateSync, hashes: np.ndarray, pod: str = P0) -> int:
     return index_of(sync).match(hashes, [pod], time.time()).get(pod, 0)
-
-
-# -- encoding ----------------------------------------------------------------------------------------
-
-def test_batch_round_trip_and_canonical_schema() -> None:
-    d1 = DeltaRecord(P0, "m", 1_700_000_000.125, chain(1, 40))
-    d2 = DeltaRecord("ns2/pod-9", "other-model", 1_700_000_001.5, np.array([2**64 - 1, 1], dtype=np.uint64))
-    payload = encode_batch("replica-a", 7, 1_700_000_002.0, [d1, d2], [(P1, 1_700_000_000.0)])
-    batch = decode_batch(payload)
-    assert (batch.replica_id, batch.seq, batch.sent, batch.invalid) == ("replica-a", 7, 1_700_000_002.0, 0)
-    assert batch.removals == [(P1, 1_700_000_000.0)]
-    for got, want in zip(batch.deltas, (d1, d2), strict=True):
-        assert (got.pod_key, got.model, got.timestamp) == (want.pod_key, want.model, want.timestamp)
-        assert np.array_equal(got.hashes, want.hashes) and got.hashes.dtype == np.uint64
-    # The wire view is the canonical message, byte for byte: packed fixed64 either way.
-    canonical = pb.DeltaBatch.FromString(payload)
-    assert list(canonical.deltas[1].hashes) == [2**64 - 1, 1]
-    assert canonical.SerializeToString() == payload
-    again = pb.DeltaBatch(replica_id="b", seq=1, deltas=[pb.Delta(pod_key=P0, unix_seconds=5.0, hashes=[3, 2**63])])
-    assert decode_batch(again.SerializeToString()).deltas[0].hashes.tolist() == [3, 2**63]
-    # Compact: the hashes, plus a few dozen bytes per delta.
-    assert len(payload) < 8 * 42 + 2 * 48 + 64
-
-
-def test_garbage_is_rejected_with_a_reason() -> None:
-    for junk in (b"\xff\xff\xff", b"\x0a\x05ab", os.urandom(64)):
-        try:
-            decode_batch(junk)
-        except DecodeError as exc:
-            assert exc.reason == MALFORMED
-        else:  # random bytes can parse as a message; they still carry no replica id
-            raise AssertionError("garbage accepted")
-    with pytest.raises(DecodeError):
-        decode_batch(pb.DeltaBatch(seq=3).SerializeToString())  # no replica id
-    bad = pb.DeltaBatchWire(replica_id="x", deltas=[
-        pb.DeltaWire(pod_key="", unix_seconds=1.0, hashes=b"\x01" * 8),          # no pod
-        pb.DeltaWire(pod_key=P0, unix_seconds=1.0, hashes=b"\x01" * 7),          # not whole uint64s
-        pb.DeltaWire(pod_key=P0, unix_seconds=float("nan"), hashes=b"\x01" * 8),  # no time
-        pb.DeltaWire(pod_key=P0, unix_seconds=1e12, hashes=b"\x01" * 8),         # far future
-        pb.DeltaWire(pod_key=P0, unix_seconds=1.0, hashes=b"\x02" * 16),         # fine
-    ])
-    batch = decode_batch(bad.SerializeToString(), now=100.0)
-    assert batch.invalid == 4 and len(batch.deltas) == 1 and len(batch.deltas[0].hashes) == 2
-
-
-def test_snapshot_round_trip_groups_entries_by_second() -> None:
-    index = PrefixIndex(10_000, 600.0)
-    base = 1_700_000_000.0
-    for i in range(50):
-        index.add(chain(i, 20), P0 if i % 2 else P1, base + i * 0.1)  # 5 seconds of traffic
-    entries = index.entries(base + 10)
-    payload = encode_snapshot("a", base + 10, "1-0", entries, {P0: "m", P1: "m"})
-    snap = decode_snapshot(payload)
-    assert (snap.replica_id, snap.stream_id) == ("a", "1-0")
-    assert len(snap.entries) <= 2 * 6  # one delta per pod and second, not per request
-    got = {(r.pod_key, h) for r in snap.entries for h in r.hashes.tolist()}
-    want = {(pod, h) for pod, (hs, _) in entries.items() for h in hs.tolist()}
-    assert got == want and len(got) == 1000
-    assert [r.timestamp for r in snap.entries] == sorted(r.timestamp for r in snap.entries)
-    assert len(payload) < 1000 * 8 + 12 * 40
-
-
-def test_load_report_round_trip() -> None:
-    payload = encode_load("a", 3, 10.0, {P0: 2, "prefill:" + P1: 1}, {P0: 500}, {P0: 120.5})
-    report = decode_load(payload)
-    assert (report.replica_id, report.seq) == ("a", 3)
-    assert report.pods[P0].inflight == 2 and report.pods[P0].prefill_tokens == 500
-    assert report.pods[P0].queued_prefill_tokens == 120.5 and report.pods["prefill:" + P1].inflight == 1
 
 
 # -- the prefix index across replicas ---------------------------------------------------------------
@@ -324,19 +233,6 @@ async def test_pod_removal_propagates(fleet: Fleet) -> None:
 
 # -- in-flight load -------------------------------------------------------------------------------------
 
-def test_load_tracker_adds_the_remote_part_and_keeps_its_own() -> None:
-    now = [100.0]
-    load = LoadTracker(prefill_rate=1000.0, clock=lambda: now[0])
-    load.acquire(P0, 500)
-    load.set_remote({P0: 3, P1: 1}, {P0: 2000}, {P0: 1500.0})
-    assert load.inflight(P0) == 4 and load.inflight(P1) == 1
-    assert load.prefill_tokens(P0) == 2500
-    assert load.queued_prefill(P0) == 2000.0
-    now[0] += 1.0  # both parts drain at the prefill rate
-    assert load.queued_prefill(P0) == 500.0
-    assert load.snapshot() == {P0: 1} and load.prefill_snapshot() == {P0: 500} and load.total == 1
-    load.set_remote({})  # replaced wholesale
-    assert load.inflight(P1) == 0 and load.queued_prefill(P0) == 0.0
 
 
 async def test_in_flight_counts_are_shared_and_stale_reports_dropped(fleet: Fleet) -> None:
@@ -386,29 +282,3 @@ async def test_redis_down_means_local_state_and_recovery_afterwards(redis_server
         if restarted is not None:
             restarted.terminate()
             restarted.wait(5)
-
-
-def start_redis(port: int, directory: Path) -> subprocess.Popen:
-    """A redis-server on `port` (the fixture's, after it was stopped), in memory only."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-            sock.sendall(b"PING\r\n")
-            if sock.recv(16).startswith(b"+PONG"):
-                return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("redis-server did not restart")
-
-
-def test_config_switches() -> None:
-    off = build_config(env={"REDIS_HOST": "r"})
-    assert off.redis_host == "r" and not off.statesync_enabled
-    on = build_config(env={"AIBRIX_STATESYNC_ENABLED": "true", "EXTPROC_ROUTER_STATESYNC_FLUSH_MS": "2",
-                           "EXTPROC_ROUTER_STATESYNC_STREAM_MAXLEN": "5000"})
-    assert on.statesync_enabled and on.statesync_flush_ms == 2.0 and on.statesync_stream_maxlen == 5000
-    assert not build_config(env={"AIBRIX_STATESYNC_ENABLED": "false"}).statesync_enabled

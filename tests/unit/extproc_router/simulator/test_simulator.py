@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,34 +19,25 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc_router.simulator.engine import Engine, EngineConfig, Sequence
+from extproc_router.simulator.config import EngineConfig
+from extproc_router.simulator.engine import Engine
 from extproc_router.simulator.openai_format import FILLER_WORDS, generated_text
+from extproc_router.simulator.sequence import Sequence
 from extproc_router.simulator.server import SimServer
-from tests.conftest import running_sims
+from tests.unit.extproc_router.simulator.conftest import CHAT, COMPLETIONS, StartSim, stats, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[4]
 """Working directory of subprocesses, so that `python -m simulator` finds the package."""
 
-StartSim = Callable[..., Awaitable[SimServer]]
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-
 
 @pytest.fixture
-async def start() -> AsyncIterator[StartSim]:
-    """Start in-process sims on free ports; all are stopped after the test."""
-    async with running_sims({}) as starter:
-        yield starter
-
+def sim_defaults() -> dict[str, Any]:
+    """Fixed timing: the sims of this module start from the SimConfig defaults."""
+    return {}
 
 
 def chat_body(content: Any = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "sim-model", "messages": [{"role": "user", "content": content}], **extra}
-
-
-async def stats(http: aiohttp.ClientSession, sim: SimServer) -> dict[str, Any]:
-    async with http.get(sim.url + "/sim/stats") as resp:
-        return await resp.json()
 
 
 async def metrics(http: aiohttp.ClientSession, sim: SimServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -73,13 +64,6 @@ async def read_sse(resp: aiohttp.ClientResponse, t0: float) -> list[tuple[float,
         if line.startswith(b"data: "):
             events.append((time.perf_counter() - t0, line[len(b"data: ") :].rstrip(b"\n")))
     return events
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 # ----------------------------------------------------------------------------- completions

@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -20,37 +19,17 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc_router.argtypes import HelpFormatter
 from extproc_router.simulator.batching import BatchingEngine, KVSequence
-from extproc_router.simulator.cli import _HelpFormatter, add_arguments, config_from_args
-from extproc_router.simulator.engine import EngineConfig
+from extproc_router.simulator.cli import add_arguments, config_from_args
+from extproc_router.simulator.config import EngineConfig
 from extproc_router.simulator.kv_cache import KVCache
 from extproc_router.simulator.server import SimServer
 from extproc_router.simulator.tokenizer import block_hashes, render_prompt, tokenize
-from tests.conftest import running_sims
+from tests.unit.extproc_router.simulator.conftest import BLOCK, CHAT, COMPLETIONS, StartSim, stats, wait_until
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-BLOCK = 16
-
-FAST_MODEL: dict[str, Any] = {
-    "timing": "model",
-    "tokenizer": "bytes",
-    "block_size": BLOCK,
-    "decode_step_ms": 2.0,
-    "decode_ms_per_seq": 0.0,
-    "prefill_tokens_per_s": 20000.0,
-}
-"""Model timing for tests: one token per byte, 2 ms steps, 1000 prompt tokens = 50 ms of prefill."""
-
-StartSim = Callable[..., Awaitable[SimServer]]
-
-
-@pytest.fixture
-async def start() -> AsyncIterator[StartSim]:
-    """Start in-process model-timing sims (FAST_MODEL plus overrides); all are stopped after the test."""
-    async with running_sims(FAST_MODEL) as starter:
-        yield starter
-
+WAIT_S = 3.0
+"""Seconds `wait_until` allows in this module's tests."""
 
 
 def words(n: int, seed: int) -> str:
@@ -98,8 +77,7 @@ async def stream_times(http: aiohttp.ClientSession, sim: SimServer, prompt: str,
 
 
 async def engine_stats(http: aiohttp.ClientSession, sim: SimServer) -> dict[str, Any]:
-    async with http.get(sim.url + "/sim/stats") as resp:
-        return (await resp.json())["engine"]
+    return (await stats(http, sim))["engine"]
 
 
 async def scrape(http: aiohttp.ClientSession, sim: SimServer) -> dict[str, float]:
@@ -112,13 +90,6 @@ async def scrape(http: aiohttp.ClientSession, sim: SimServer) -> dict[str, float
         for s in family.samples
         if not s.labels.get("le")
     }
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # ----------------------------------------------------------------------------- tokenizer API
@@ -291,7 +262,7 @@ async def test_running_sequences_pin_their_blocks(start: StartSim, http: aiohttp
     async def is_running() -> bool:
         return (await engine_stats(http, sim))["running"] == 1
 
-    await wait_until(is_running)
+    await wait_until(is_running, WAIT_S)
     # Churn the 13 blocks left: every one of them is overwritten, more than once.
     for seed in range(6):
         await complete(http, sim, words(30, seed)[:100])
@@ -308,7 +279,7 @@ async def test_admission_waits_for_free_blocks(start: StartSim, http: aiohttp.Cl
     async def first_running() -> bool:
         return (await engine_stats(http, sim))["running"] == 1
 
-    await wait_until(first_running)
+    await wait_until(first_running, WAIT_S)
     t0 = time.perf_counter()
     second = asyncio.ensure_future(complete(http, sim, words(60, 2)[:300]))  # needs 19 blocks: waits
 
@@ -316,7 +287,7 @@ async def test_admission_waits_for_free_blocks(start: StartSim, http: aiohttp.Cl
         metrics = await scrape(http, sim)
         return metrics["vllm:num_requests_waiting"] == 1 and metrics["vllm:num_requests_running"] == 1
 
-    await wait_until(second_waiting)
+    await wait_until(second_waiting, WAIT_S)
     assert not first.done()
     await first
     done_first = time.perf_counter()
@@ -355,7 +326,7 @@ async def test_metrics_move(start: StartSim, http: aiohttp.ClientSession) -> Non
     async def using_cache() -> bool:
         return (await scrape(http, sim))["vllm:gpu_cache_usage_perc"] > 0
 
-    await wait_until(using_cache)
+    await wait_until(using_cache, WAIT_S)
     during = await scrape(http, sim)
     assert 10 / 64 <= during["vllm:gpu_cache_usage_perc"] <= 14 / 64
     assert during["vllm:num_requests_running"] == 1
@@ -513,7 +484,7 @@ async def test_client_gone_while_waiting_frees_everything() -> None:
 def test_cli_model_timing_flags() -> None:
     # One line per option in --help.
     parser = argparse.ArgumentParser(
-        prog="sim", formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=200, width=1000)
+        prog="sim", formatter_class=lambda prog: HelpFormatter(prog, max_help_position=200, width=1000)
     )
     add_arguments(parser)
     help_lines = parser.format_help().splitlines()

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -23,32 +22,7 @@ from ext_proc.prefill import PrefillClient, vllm_prefill_body
 from extproc_router.simulator.cli import add_arguments, config_from_args
 from extproc_router.simulator.server import SimServer
 from routing.pods import Pod
-from tests.conftest import running_sims
-
-COMPLETIONS = "/v1/completions"
-CHAT = "/v1/chat/completions"
-BLOCK = 16
-
-FAST_MODEL: dict[str, Any] = {
-    "timing": "model",
-    "tokenizer": "bytes",
-    "block_size": BLOCK,
-    "decode_step_ms": 2.0,
-    "decode_ms_per_seq": 0.0,
-    "prefill_tokens_per_s": 20000.0,
-    "kv_transfer_ms_per_1k_tokens": 3.0,
-}
-"""1000 prompt tokens = 50 ms of prefill, or 3 ms of transfer."""
-
-StartSim = Callable[..., Awaitable[SimServer]]
-
-
-@pytest.fixture
-async def start() -> AsyncIterator[StartSim]:
-    """Start in-process sims (FAST_MODEL plus overrides); all are stopped after the test."""
-    async with running_sims(FAST_MODEL) as starter:
-        yield starter
-
+from tests.unit.extproc_router.simulator.conftest import BLOCK, CHAT, COMPLETIONS, StartSim, stats, wait_until
 
 
 def prompt(n: int, seed: int = 0) -> str:
@@ -72,11 +46,6 @@ async def post(
         return resp.status, answer, time.perf_counter() - t0
 
 
-async def stats(http: aiohttp.ClientSession, sim: SimServer) -> dict[str, Any]:
-    async with http.get(sim.url + "/sim/stats") as resp:
-        return await resp.json()
-
-
 async def metric(http: aiohttp.ClientSession, sim: SimServer, name: str) -> float:
     """The sum of a metric's samples (a counter's ``_total`` sample, a gauge's value)."""
     async with http.get(sim.url + "/metrics") as resp:
@@ -87,14 +56,6 @@ async def metric(http: aiohttp.ClientSession, sim: SimServer, name: str) -> floa
             if sample.name in (name, name + "_total"):
                 total += sample.value
     return total
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 2.0) -> None:
-    """Wait until ``check()`` holds (fire-and-forget effects such as a release notification)."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def held_blocks(http: aiohttp.ClientSession, sim: SimServer) -> int:
@@ -160,7 +121,7 @@ async def test_unfetched_hold_expires(start: StartSim, http: aiohttp.ClientSessi
     async def expired() -> bool:
         return await held_blocks(http, prefill) == 0
 
-    await eventually(expired)
+    await wait_until(expired)
     assert await metric(http, prefill, "sim:kv_holds_expired") == 1
     assert await metric(http, prefill, "sim:kv_transfers_out") == 0
 
@@ -197,7 +158,7 @@ async def test_decode_with_transfer_params_skips_the_prefill(start: StartSim, ht
     async def released() -> bool:
         return await held_blocks(http, prefill) == 0
 
-    await eventually(released)
+    await wait_until(released)
     assert await metric(http, prefill, "sim:kv_transfers_out") == 1
     assert await metric(http, decode, "sim:kv_transfers_in") == 1
     assert await metric(http, decode, "sim:kv_transfer_tokens_in") == n - 1
@@ -240,7 +201,7 @@ async def test_streaming_decode_with_transfer_params(start: StartSim, http: aioh
     async def released() -> bool:
         return await held_blocks(http, prefill) == 0
 
-    await eventually(released)
+    await wait_until(released)
 
 
 async def test_prefill_pod_batches_prefills_and_queues(start: StartSim, http: aiohttp.ClientSession) -> None:
@@ -282,7 +243,7 @@ async def test_sglang_decode_waits_for_the_prefill_of_its_room(start: StartSim, 
         state = await stats(http, prefill)
         return state["rooms"] == 0 and state["engine"]["held_blocks"] == 0
 
-    await eventually(released)
+    await wait_until(released)
     assert await metric(http, prefill, "sim:kv_transfers_out") == 1
     assert await metric(http, prefill, "sim:prefill_only_requests") == 1
     assert (await stats(http, decode))["last_transfer_fields"] == fields
