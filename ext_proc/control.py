@@ -185,6 +185,9 @@ class RequestControl:
             self.metrics.prefill_failures.inc()
             self.router.release(decision)
             raise RoutingError(503, str(exc), code="prefill_failed", cause="prefill") from None
+        except BaseException:
+            self.router.release(decision)  # nothing was sent to the decode pod, whatever went wrong
+            raise
         finally:
             load.release(load_key)
         self.metrics.prefill_latency.observe(time.perf_counter() - started)

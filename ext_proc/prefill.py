@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from routing.pods import Pod
+from routing.request import dump_body
 from routing.strategies.pd import sglang_bootstrap_port
 
 log = logging.getLogger("extproc_router.prefill")
@@ -67,7 +68,7 @@ class PrefillClient:
 
     async def _post(self, pod: Pod, path: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
         try:
-            async with self._client().post(f"http://{pod.address}{path}", data=orjson.dumps(body),
+            async with self._client().post(f"http://{pod.address}{path}", data=dump_body(body),
                                            headers={"content-type": "application/json", **headers}) as resp:
                 data = await resp.read()
                 if resp.status != 200:

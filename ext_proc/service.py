@@ -19,10 +19,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
-import orjson
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
@@ -41,7 +40,7 @@ from ext_proc.prefill import PrefillClient
 from extproc_router.ratelimit.limits import Limiter, UserLimits, Verdict
 from extproc_router.ratelimit.usage import UsageScanner
 from routing.errors import RoutingError
-from routing.request import RoutingRequest, parse_body
+from routing.request import RoutingRequest, dump_body, parse_body
 from routing.router import Decision, ProfileChoice, Router
 
 if TYPE_CHECKING:
@@ -200,7 +199,7 @@ class ExtProcStream:
         if self.user:
             limits = ctl.limits_now(self.user)
             if limits is LOOKUP:
-                ctl.spawn(self._answer_headers_after_lookup())
+                ctl.spawn(self._guarded(self._answer_headers_after_lookup()))
                 return
             self.limits = limits
         self._answer_headers()
@@ -267,7 +266,7 @@ class ExtProcStream:
         if ctl.needs_limit_check(self.limits, admission):
             verdict = ctl.limiter.check_request_now(self.user, self.limits, model, admission.model_rps)
             if verdict is None:
-                ctl.spawn(self._check_then_decide(request, admission.choice, admission.model_rps, t0))
+                ctl.spawn(self._guarded(self._check_then_decide(request, admission.choice, admission.model_rps, t0)))
                 return
             self._decide(request, admission.choice, verdict, t0)
             return
@@ -295,7 +294,7 @@ class ExtProcStream:
         self.done = True
         ctl.metrics.observe_decision(decision.strategy, time.perf_counter() - t0)
         if decision.prefill is not None:
-            ctl.spawn(self._prefill_then_route(request, decision))
+            ctl.spawn(self._guarded(self._prefill_then_route(request, decision)))
             return
         ctl.count_routed(decision, self._nbytes)
         send = self._stream.send_message
@@ -318,7 +317,13 @@ class ExtProcStream:
             return
         if self.closed:
             return
-        raw = orjson.dumps(body)
+        try:
+            raw = dump_body(body)
+        except RoutingError as err:
+            ctl.router.release(decision)
+            self.decision = None
+            self._fail(err, model=request.model)
+            return
         ctl.count_routed(decision, self._nbytes)
         send = self._stream.send_message
         send(msgs.routed_with_body("request_headers" if self._pipelined else "request_body",
@@ -326,6 +331,20 @@ class ExtProcStream:
         if self._pipelined:
             for i in range(self._chunks):
                 send(msgs.body_chunk_replacement(raw if i == 0 else None))
+
+    async def _guarded(self, step: Coroutine[Any, Any, None]) -> None:
+        """A step that continues in a task must end in an answer whatever goes wrong: a task that
+        died unobserved would leave Envoy waiting (a 504 a minute later) and the pod's load booked."""
+        try:
+            await step
+        except Exception:
+            log.exception("request %s: internal error", self.request_id)
+            if self.decision is not None:
+                self._ctl.router.release(self.decision)
+                self.decision = None
+            if not self.closed:
+                self._fail(RoutingError(500, "internal error in the gateway; the request was not routed",
+                                        code="internal_error", cause="internal"))
 
     def _echo(self) -> dict[str, str]:
         d = self.decision

@@ -163,7 +163,7 @@ class RouterProcess:
         host, port = split_hostport(self.cfg.grpc_listen, "grpc_listen")
         self.grpc_port = await self.grpc.start(host, port)
         app = build_http_app(self.registry, lambda: models_list(self.router), self.is_ready,
-                             flush=self.flush_prefix_cache)
+                             flush=self.flush_prefix_cache, authorized=self.service.control.api_key_ok)
         self._http_runner = web.AppRunner(app, access_log=None)
         await self._http_runner.setup()
         hhost, hport = split_hostport(self.cfg.http_listen, "http_listen")

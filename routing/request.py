@@ -69,12 +69,69 @@ def parse_body(path: str, raw: bytes | bytearray) -> RoutingRequest:
 
 
 def _strict_fallback(raw: bytes | bytearray, exc: orjson.JSONDecodeError) -> Any:
-    # orjson rejects integers beyond 64 bits, which JSON allows (e.g. in logit_bias); only then
-    # does the slower standard parser get a second look.
+    """One rule: what the router cannot parse strictly is a 400, never routed on a laxer parser's
+    reading that the pods might then refuse. The one thing orjson rejects that strict JSON allows
+    is an integer beyond 64 bits (e.g. in logit_bias); only for that does the standard parser get a
+    second look, held to the same rules: UTF-8 only, no NaN/Infinity, no lone surrogates."""
+    if "64-bit" not in str(exc):
+        raise _bad(f"request body is not valid JSON: {exc}")
     try:
-        return json.loads(raw)
+        body = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as err:
+        raise _bad(f"request body is not valid JSON: {err}") from None
+    _check_strings(body)
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_strings(value: Any) -> None:
+    """400 if any string (key or value) holds a lone surrogate, which no UTF-8 encoder accepts."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            items: Any = (item,)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+            items = item.keys()
+        elif isinstance(item, list):
+            stack.extend(item)
+            continue
+        else:
+            continue
+        for text in items:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _bad("request body is not valid JSON: a string holds a lone UTF-16 surrogate") from None
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted-key JSON text of a parsed value (a stable stand-in for non-text prompt parts). 400 when
+    it is nested too deeply to write back."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError:
+        pass  # nested deeper than orjson writes (255), or an integer beyond 64 bits
+    try:
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     except (ValueError, RecursionError):
-        raise _bad(f"request body is not valid JSON: {exc}") from None
+        raise _bad("request body is nested too deeply") from None
+
+
+def dump_body(body: dict[str, Any]) -> bytes:
+    """A parsed body as JSON bytes again (pd sends the prompt on), whatever `parse_body` accepted."""
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        pass
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    except (ValueError, RecursionError):
+        raise _bad("request body is nested too deeply") from None
 
 
 def render_messages(messages: Any) -> str:
@@ -104,11 +161,11 @@ def render_messages(messages: Any) -> str:
                     out.append(part)
                 else:
                     # Images and audio still identify the prompt; their JSON is a stable stand-in.
-                    out.append(orjson.dumps(part, option=orjson.OPT_SORT_KEYS).decode())
+                    out.append(canonical_json(part))
         elif content is not None:
             if not isinstance(content, dict | int | float | bool):
                 raise _bad(f"messages[{i}].content has an unsupported type", "messages")
-            out.append(orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode())
+            out.append(canonical_json(content))
     return "".join(out)
 
 

@@ -2,7 +2,8 @@
 
 One listener (``main``) with one HTTP connection manager:
 
-* ``GET /v1/models`` goes straight to the router's HTTP server, with ext_proc disabled;
+* ``GET /v1/models`` is answered by the router through ext_proc (so API keys apply); should the
+  ext_proc call fail, Envoy goes on to the router's HTTP server, which checks the key too;
 * everything else passes the ext_proc filter (the router picks a pod and sets ``target-pod``) and is
   sent by an ORIGINAL_DST cluster to that ``ip:port``.
 
@@ -72,7 +73,6 @@ _TYPE = "@type"
 _T = "type.googleapis.com/"
 _HCM_TYPE = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_PROC_TYPE = _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
-_EXT_PROC_PER_ROUTE_TYPE = _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 _ROUTER_TYPE = _T + "envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _HTTP_OPTIONS_TYPE = _T + _HTTP_OPTIONS_KEY
@@ -196,9 +196,11 @@ def _route_config(values: GatewayValues) -> dict[str, Any]:
             "path": "/v1/models",
             "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
         },
+        # The router answers the model list in its headers reply, after the API-key check. The
+        # cluster is only reached when the ext_proc call fails (failure_mode_allow): the router's
+        # HTTP server then answers, checking the key itself. (This route used to skip ext_proc,
+        # which let `GET /v1/models` through without a key.)
         "route": {"cluster": ROUTER_HTTP_CLUSTER},
-        # The model list needs no routing decision: skip the gRPC round trip entirely.
-        "typed_per_filter_config": {"envoy.filters.http.ext_proc": {_TYPE: _EXT_PROC_PER_ROUTE_TYPE, "disabled": True}},
     }
     pods_route = {
         "name": "pods",
@@ -336,6 +338,23 @@ def _local_reply_config(values: GatewayValues) -> dict[str, Any]:
         {
             "filter": _flags("SI"),
             **_openai_error(504, f"The model server sent no data for {idle}.", "api_error", "stream_idle_timeout"),
+        },
+        # Envoy's HTTP codec refusing the request itself (before any filter ran): headers over
+        # max_request_headers_kb (431), HTTP/1.0 (426), a malformed request line or headers (400).
+        # The router never answers these codes, and codec details start with the codec's name.
+        {
+            "filter": _status_is(431),
+            **_openai_error(431, "Request headers are too large.", "invalid_request_error", "headers_too_large"),
+        },
+        {
+            "filter": _status_is(426),
+            **_openai_error(426, "Use HTTP/1.1 or HTTP/2.", "invalid_request_error", "upgrade_required"),
+        },
+        {
+            "filter": _cel("response.code_details.startsWith('http1.') || "
+                           "response.code_details.startsWith('http2.') || "
+                           "response.code_details.startsWith('codec_error')"),
+            **_openai_error(400, "The request is not valid HTTP.", "invalid_request_error", "bad_http_request"),
         },
         {
             # Circuit breakers (backendTrafficPolicy/envoyPatchPolicy limits) are full.

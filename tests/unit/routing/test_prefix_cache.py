@@ -11,6 +11,7 @@ import pytest
 from extproc_router.config import ConfigError, build_config
 from extproc_router.serve import prefix_cache_settings
 from routing.block_hash import DEFAULT_HASH_SEED
+from routing.errors import RoutingError
 from routing.pods import Pod, PodSnapshot
 from routing.request import COMPLETIONS_PATH, parse_body
 from routing.router import Router, RoutingSettings
@@ -245,8 +246,10 @@ def test_unicode_and_megabyte_prompts() -> None:
     first, _ = route(router, chat(text, "q1"))
     pod, header = route(router, chat(text, "q2"))
     assert pod == first and selection(header) == "prefix_match"
-    lone = parse_body(COMPLETIONS_PATH, b'{"model": "m", "prompt": "' + b"x" * 300 + b'\\ud800 tail"}')
-    route(router, lone)  # a lone surrogate in JSON is accepted and hashed
+    # A lone surrogate is no UTF-8 text: the pods would refuse it, so the router does too (400).
+    with pytest.raises(RoutingError) as exc:
+        parse_body(COMPLETIONS_PATH, b'{"model": "m", "prompt": "' + b"x" * 300 + b'\\ud800 tail"}')
+    assert exc.value.status == 400
     big = chat("q" * (1 << 20))
     t0 = time.perf_counter()
     route(router, big)
