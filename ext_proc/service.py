@@ -54,7 +54,8 @@ _FromString = ep.ProcessingRequest.FromString
 
 # Headers the router reads; everything else in the request is left alone.
 _WANTED = frozenset({":path", ":method", "routing-strategy", "config-profile", "user", "x-request-id",
-                     "target-pod", "authorization", "content-type", "x-session-id", "traceparent"})
+                     "target-pod", "authorization", "content-type", "x-session-id", "x-aibrix-session-key",
+                     "traceparent"})
 
 # Response body is only subscribed to for requests whose tokens count against a TPM limit; every
 # field must be set because a mode override replaces the whole mode.
@@ -286,7 +287,8 @@ class ExtProcStream:
                        extra=[("retry-after", str(verdict.retry_after))])
             return
         try:
-            decision = ctl.router.decide(request, self.headers.get("routing-strategy") or None, choice)
+            decision = ctl.router.decide(request, self.headers.get("routing-strategy") or None, choice,
+                                         self.headers)
         except RoutingError as err:
             self._fail(err, model=request.model)
             return

@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from routing.errors import RoutingError
 from routing.load import LoadTracker
@@ -33,6 +34,7 @@ from routing.strategies.prefix_cache import PrefixCacheSettings, new_prefix_inde
 from routing.tokenizers import BYTES_PER_TOKEN
 
 DEFAULT_STRATEGY = "random"
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,25 +133,26 @@ class Router:
         return entry
 
     def decide(self, request: RoutingRequest, strategy_header: str | None = None,
-               profile: ProfileChoice | None = None) -> Decision:
-        """Pick a pod for `request` and count it in flight. Raises RoutingError (404/400/503)."""
+               profile: ProfileChoice | None = None, headers: Mapping[str, str] | None = None) -> Decision:
+        """Pick a pod for `request` and count it in flight. `headers`: the request's routing headers
+        (session affinity). Raises RoutingError (404/400/503)."""
         entry = self.model_entry(request.model)
         name, _ = self.resolve_strategy(strategy_header, profile)
         profile_name = profile.name if profile else None
         if name not in self.strategies:
             if is_multi(name):
-                return self._decide_weighted(request, entry, name, profile_name)
+                return self._decide_weighted(request, entry, name, profile_name, headers)
             raise RoutingError(400, f"incorrect routing strategy {name!r}; valid strategies: "
                                f"{', '.join(self.strategy_names())}", code="invalid_routing_strategy",
                                param="routing-strategy", cause="routing")
         ready = _ready(entry, request)
-        ctx = DecisionContext(request, self.stats, self.rng, profile_name)
+        ctx = DecisionContext(request, self.stats, self.rng, profile_name, headers or _NO_HEADERS)
         planner = self._planners.get(name)
         choice = planner.plan(ctx, entry) if planner is not None else self._pickers[name].pick(ctx, ready)
         return self._book(request, name, profile_name, choice)
 
     def _decide_weighted(self, request: RoutingRequest, entry: ModelEntry, spec: str,
-                         profile_name: str | None) -> Decision:
+                         profile_name: str | None, headers: Mapping[str, str] | None) -> Decision:
         """`name:weight,...`: every strategy scores every ready pod; the best weighted sum wins."""
         parts = parse_spec(spec, self.strategy_names(), solo=self._planners.keys())
         scorers: list[tuple[int, Scorer]] = []
@@ -160,7 +163,7 @@ class Router:
                                    code="invalid_routing_strategy", param="routing-strategy", cause="routing")
             scorers.append((part.weight, scorer))
         ready = _ready(entry, request)
-        ctx = DecisionContext(request, self.stats, self.rng, profile_name)
+        ctx = DecisionContext(request, self.stats, self.rng, profile_name, headers or _NO_HEADERS)
         per_strategy = [(w, normalise(s.score(ctx, ready), s.higher_is_better)) for w, s in scorers]
         pod = ready[combine(per_strategy, self.rng)]
         prefill: int | None = None

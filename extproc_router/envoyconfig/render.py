@@ -50,6 +50,7 @@ RESPONSE_ECHO_HEADERS = [
     "prefill-target-pod",
     "prefill-target-pod-ip",
     "x-prefix-cache-match",
+    "x-session-id",  # session-affinity: the pod this session sticks to, re-issued on every response
 ]
 
 LISTENER_NAME = "main"

@@ -11,6 +11,7 @@ from routing.strategies.least_request import LeastRequestStrategy
 from routing.strategies.pd import PDStrategy
 from routing.strategies.prefix_cache import SEL_PD_PREFILL, PrefixCacheSettings, PrefixCacheStrategy
 from routing.strategies.random import RandomStrategy
+from routing.strategies.session_affinity import SessionAffinityStrategy
 from routing.tokenizers import count_tokens
 
 Strategy = Picker | Planner
@@ -28,7 +29,7 @@ def builtin_strategies(*, prefix_cache: PrefixCacheSettings | None = None, index
     # recorded in the same index.
     pd = PDStrategy(prompt_tokens=count_tokens, prefill_match=prefix.match_shares,
                     observe_prefill=lambda ctx, pod: prefix.observe(ctx, pod, SEL_PD_PREFILL))
-    strategies: list[Strategy] = [RandomStrategy(), LeastRequestStrategy(), prefix, pd]
+    strategies: list[Strategy] = [RandomStrategy(), LeastRequestStrategy(), prefix, pd, SessionAffinityStrategy()]
     return {s.name: s for s in strategies}
 
 

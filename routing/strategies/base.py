@@ -10,8 +10,8 @@ A strategy implements one or more capabilities:
 * `Planner`  - plans a whole request over the model's pods, possibly with a prefill pod (`pd`);
                a planner is used alone, never mixed.
 
-Every call gets a `DecisionContext`: the request, this router's load and the engines' stats, the
-random source, and a scratch dict that lives exactly as long as the decision (a scorer's work
+Every call gets a `DecisionContext`: the request and its routing headers, this router's load and the
+engines' stats, the random source, and a scratch dict that lives exactly as long as the decision (a scorer's work
 reused by its `observe`). Strategies return values (`Choice`) and never write into the request.
 All of it is synchronous and does no I/O: a decision is a pure function of its inputs.
 """
@@ -31,6 +31,7 @@ from routing.request import RoutingRequest
 from routing.stats import PodStats
 
 _NO_ANNOTATIONS: Mapping[str, str] = MappingProxyType({})
+_NO_HEADERS: Mapping[str, str] = _NO_ANNOTATIONS
 
 
 @dataclass(slots=True)
@@ -41,6 +42,8 @@ class DecisionContext:
     stats: PodStats
     rng: random.Random
     profile: str | None = None  # the config profile that applies, if any (pd's prompt buckets)
+    # The request's routing headers (lower-case names; session-affinity's x-session-id and key).
+    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS)
     scratch: dict[str, Any] = field(default_factory=dict)
 
     @property
