@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from extproc_router.resp import PipelinedRedis
+from extproc_router.resp import DEFAULT_LIMITS, PipelinedRedis, RespLimits
 from routing.load import LoadTracker
 from routing.pods import PodSnapshot
 from routing.prefix_index import PrefixIndex
@@ -78,15 +78,17 @@ class StateSync:
         s = settings
         pre = s.prefix_settings()
 
-        def client(timeout: float) -> PipelinedRedis:
+        def client(timeout: float, limits: RespLimits = DEFAULT_LIMITS) -> PipelinedRedis:
             return PipelinedRedis(s.redis_host, s.redis_port, password=s.redis_password, tls=s.redis_tls,
-                                  timeout=timeout)
+                                  timeout=timeout, limits=limits)
 
         # Three connections: XREAD BLOCK holds its own; snapshots (a few MB) would hold up the
         # small, latency-bound XADD / load commands if they shared one.
         self.writer = client(1.0)
         self.reader = client(pre.block_ms / 1000 + 2.0)
-        self.bulk = client(10.0)
+        # A snapshot is at most ~80 bytes per index entry (every entry its own delta); the client's
+        # default reply bound (64 MiB) covers the default index 4x over, a much larger index gets room.
+        self.bulk = client(10.0, _snapshot_limits(index.capacity if index is not None else 0))
         self.prefix = None if index is None else PrefixSync(
             index, replica_id=self.replica_id, layout=self.layout, settings=pre, writer=self.writer,
             reader=self.reader, bulk=self.bulk, metrics=self.metrics, state=self.state, errors=errors, clock=clock)
@@ -134,3 +136,11 @@ class StateSync:
                 *(x.close() for x in (self.prefix, self.load) if x is not None)), 1.5)
         for c in (self.writer, self.reader, self.bulk):
             await c.close()
+
+
+def _snapshot_limits(index_capacity: int) -> RespLimits:
+    """Reply bounds of the connection that reads snapshots: 4x the largest snapshot `index_capacity`
+    entries can make (~80 bytes each at worst), never below the client's defaults."""
+    default = DEFAULT_LIMITS
+    bulk = max(default.max_bulk_bytes, 4 * 80 * index_capacity)
+    return RespLimits(max_bulk_bytes=bulk, max_reply_bytes=max(default.max_reply_bytes, 2 * bulk))
