@@ -8,6 +8,15 @@ the 8 pods), so every unmatched request also pays for LRU eviction. Two workload
   shared  - 16 conversations of 4 turns; each turn's prompt extends the previous one and the
             first 3/4 of every prompt is a system prompt shared by all (the common case)
 
+Then the precise index (pods that publish KV-cache events, `routing/kv_index.py`): the same 8 pods
+all precise, each holding 25,000 engine blocks (random chains; in `shared`, half the pods' engines
+also hold a whole conversation, so matches walk the shared prefix), the prompt tokenized with the engine
+tokenizer named in the `tokenizer` column (`precise:bytes` = UTF-8 bytes as ids, the simulator's
+`--tokenizer bytes` and the cheapest engine tokenizer; `precise:cl100k`) and hashed per 16-token
+block, on top of the character tokenizer's approximate hashing (which still feeds the KV-pressure
+term). `character` rows run with the precise index present and no precise pod: they are the path of
+a fleet without events.
+
 Reports wall-clock p50/p99 and CPU-time p50/p99 (thread CPU time: on a shared machine the wall
 clock includes time the process was not scheduled), the tokenizer's cost alone, and the index's
 memory per entry at 1M entries (tracemalloc). Prints a table and writes JSON
@@ -38,8 +47,9 @@ from routing.pods import Pod, PodSnapshot  # noqa: E402
 from routing.prefix_index import PrefixIndex  # noqa: E402
 from routing.request import CHAT_PATH, parse_body  # noqa: E402
 from routing.router import Router, RoutingSettings  # noqa: E402
+from routing.stats import EngineStats  # noqa: E402
 from routing.strategies.prefix_cache import PrefixCacheSettings, PrefixCacheStrategy  # noqa: E402
-from routing.tokenizers import make_tokenizer  # noqa: E402
+from routing.tokenizers import make_engine_tokenizer, make_tokenizer  # noqa: E402
 
 MODEL = "bench-model"
 SIZES_KIB = (2, 8, 32, 128)
@@ -92,7 +102,13 @@ def shared_bodies(kib: int, n: int, seed: int) -> list[bytes]:
     return out[:n]
 
 
+PRECISE_BLOCKS_PER_POD = 25_000
+
+
 def make_router(tokenizer: str) -> Router:
+    precise = tokenizer.partition("precise:")[2]
+    if precise:
+        tokenizer = "character"
     settings = RoutingSettings(prefix_cache=PrefixCacheSettings(tokenizer_type=tokenizer))
     router = Router(settings, rng=random.Random(1))
     pods = [Pod(f"pod-{i}", f"10.0.0.{i + 1}:8000", MODEL) for i in range(N_PODS)]
@@ -100,14 +116,37 @@ def make_router(tokenizer: str) -> Router:
     strategy = router.strategies["prefix-cache"]
     assert isinstance(strategy, PrefixCacheStrategy)
     # Engine-reported KV capacity (an 8B model on an H100), so the KV-pressure term is on the path.
-    strategy.kv_capacity = {p.key: 450_000.0 for p in pods}
+    router.stats.update_engine({p.key: EngineStats(kv_capacity_tokens=450_000.0) for p in pods})
     rng = np.random.default_rng(0)
     now = time.time()
     per_add = 250
     for i in range(WARM_ENTRIES // per_add):
         strategy.index.add(rng.integers(1, 2**64 - 1, size=per_add, dtype=np.uint64), pods[i % N_PODS].key,
                            now - 60 + i * 1e-3)
+    if precise:
+        kv = router.stats.kv_blocks
+        kv.set_tokenizers({}, make_engine_tokenizer(precise))
+        for pod in pods:
+            kv.track_pod(pod.key, MODEL)
+            kv.set_precise(pod.key, True)
+            for _ in range(PRECISE_BLOCKS_PER_POD // 32):
+                tokens = rng.integers(0, 100_000, size=32 * 16).tolist()
+                kv.store(pod.key, rng.integers(1, 2**63, size=32).tolist(), None, tokens, 16)
     return router
+
+
+def seed_engine_cache(router: Router, raw: bytes) -> None:
+    """As if half the pods' engines had cached this prompt (BlockStored events): a precise match then
+    walks the whole shared prefix on those pods."""
+    kv = router.stats.kv_blocks
+    tokenizer = kv.tokenizer_for(MODEL)
+    assert tokenizer is not None
+    encoded = tokenizer.encode_body(parse_body(CHAT_PATH, raw).body, 1 << 20)
+    assert encoded is not None
+    ids = np.frombuffer(encoded[0], dtype=">u4").tolist()
+    n = len(ids) // 16 * 16
+    for key in kv.pod_keys[: N_PODS // 2]:
+        kv.store(key, list(range(1, n // 16 + 1)), None, ids[:n], 16)
 
 
 def measure(router: Router, bodies: list[bytes]) -> dict:
@@ -168,17 +207,19 @@ def main() -> int:
     results: dict = {"machine": {"python": platform.python_version(), "machine": platform.machine(),
                                  "cpus": __import__("os").cpu_count()},
                      "pods": N_PODS, "warm_entries": WARM_ENTRIES, "cases": []}
-    print(f"{'tokenizer':>10} {'KiB':>4} {'workload':>8} {'n':>5} {'wall p50':>9} {'wall p99':>9} "
+    print(f"{'tokenizer':>14} {'KiB':>4} {'workload':>8} {'n':>5} {'wall p50':>9} {'wall p99':>9} "
           f"{'cpu p50':>8} {'cpu p99':>8}  (microseconds)")
-    for tokenizer in ("character", "tiktoken"):
+    for tokenizer in ("character", "tiktoken", "precise:bytes", "precise:cl100k"):
         for kib in SIZES_KIB:
             # tiktoken costs ~80 ns per byte: fewer requests for the large prompts.
-            n = 300 if tokenizer == "character" else max(60, 300 // max(1, kib // 8))
+            n = 300 if "cl100k" not in tokenizer and tokenizer != "tiktoken" else max(60, 300 // max(1, kib // 8))
             if args.quick:
                 n = max(20, n // 10)
             for workload, make in (("unique", unique_bodies), ("shared", shared_bodies)):
                 router = make_router(tokenizer)
                 bodies = make(kib, n + 20, seed=kib)
+                if tokenizer.startswith("precise:") and workload == "shared":
+                    seed_engine_cache(router, bodies[-1])  # the longest turn of a conversation
                 measure(router, bodies[:20])  # warm-up: code paths, caches
                 gc.collect()
                 gc.freeze()  # as `serve` does after start-up
@@ -186,7 +227,7 @@ def main() -> int:
                 gc.unfreeze()
                 row.update({"tokenizer": tokenizer, "kib": kib, "workload": workload})
                 results["cases"].append(row)
-                print(f"{tokenizer:>10} {kib:>4} {workload:>8} {row['n']:>5} {row['wall_p50_us']:>9} "
+                print(f"{tokenizer:>14} {kib:>4} {workload:>8} {row['n']:>5} {row['wall_p50_us']:>9} "
                       f"{row['wall_p99_us']:>9} {row['cpu_p50_us']:>8} {row['cpu_p99_us']:>8}")
     results["tiktoken_encode"] = [tokenizer_cost(kib, 5 if args.quick else 20) for kib in (32, 128)]
     for t in results["tiktoken_encode"]:

@@ -21,7 +21,7 @@ from extproc_router.ratelimit.limits import LOOKUP, Limiter, LocalLimiter, Looku
 from routing.errors import RoutingError
 from routing.pods import ModelEntry
 from routing.profiles import ProfileCache
-from routing.request import ROUTED_PATHS, RoutingRequest
+from routing.request import PATHS, ROUTED_PATHS, RoutingRequest
 from routing.router import Decision, ProfileChoice, Router
 from routing.strategies.pd import PREFILL_LOAD_PREFIX
 
@@ -46,19 +46,35 @@ class Admission:
     model_rps: float | None
 
 
+# Listed once in the 404's message: what this gateway serves (routing/request.py's table).
+_SERVED = f"POST {', '.join(ROUTED_PATHS)} and GET {MODELS_PATH}"
+
+
 def path_error(method: str, path: str, has_body: bool) -> RoutingError | None:
     """The error for a request the gateway does not route (404 path, 405 method, 400 no body)."""
-    if path not in ROUTED_PATHS:
-        return RoutingError(404, f"unsupported path {path!r}; this gateway serves "
-                            f"{', '.join(ROUTED_PATHS)} and GET {MODELS_PATH}", code="unknown_url",
+    spec = PATHS.get(path)
+    if spec is None:
+        return RoutingError(404, f"unsupported path {path!r}; this gateway serves {_SERVED}", code="unknown_url",
                             cause="request-path")
     if method != "POST":
         return RoutingError(405, f"{method} {path} is not allowed; use POST", code="method_not_allowed",
                             cause="request-method")
     if not has_body:
-        return RoutingError(400, "request body is empty; expected a JSON object", code="invalid_request",
+        return RoutingError(400, "request body is empty; expected a multipart form" if spec.multipart
+                            else "request body is empty; expected a JSON object", code="invalid_request",
                             cause="request-body-processing")
     return None
+
+
+def check_plan(request: RoutingRequest, decision: Decision) -> RoutingError | None:
+    """A planned prefill call (pd) on a path whose engines do not split into prefill and decode is
+    a 400: the router never sends a prefill call the pod would not understand."""
+    if decision.prefill is None or PATHS[request.path].prefill_split:
+        return None
+    split = ", ".join(p for p, spec in PATHS.items() if spec.prefill_split)
+    return RoutingError(400, f"routing strategy {decision.strategy!r} splits requests into prefill and decode, "
+                        f"which only {split} support; choose another strategy for {request.path}",
+                        code="invalid_routing_strategy", param="routing-strategy", cause="routing")
 
 
 def too_large(limit: int) -> RoutingError:
@@ -108,13 +124,17 @@ class RequestControl:
         task.add_done_callback(self.tasks.discard)
 
     # -- auth and limits ---------------------------------------------------------------------------
-    def api_key_ok(self, authorization: str | None) -> bool:
+    def api_key_ok(self, authorization: str | None, api_key: str | None = None) -> bool:
+        """The key as `Authorization: Bearer <key>` (OpenAI clients) or `x-api-key: <key>` (Anthropic's)."""
         keys = self.settings.api_keys
         if not keys:
             return True
-        if not authorization or authorization[:7].lower() != "bearer ":
+        if authorization and authorization[:7].lower() == "bearer ":
+            given = authorization[7:].strip().encode()
+        elif api_key and not authorization:
+            given = api_key.strip().encode()
+        else:
             return False
-        given = authorization[7:].strip().encode()
         # Compare against every key in constant time: timing must not reveal a prefix.
         return any(hmac.compare_digest(given, k.encode()) for k in keys)
 
@@ -151,9 +171,10 @@ class RequestControl:
             choice = ProfileChoice(name=profile.name if profile else None,
                                    routing_strategy=profile.routing_strategy if profile else None,
                                    locked_strategy=profiles.locked_strategy)
-        if limits is not None and limits.tpm and request.stream and not _include_usage(request):
+        if limits is not None and limits.tpm and request.stream and not request.include_usage:
             raise RoutingError(400, f"user {user!r} has a tokens-per-minute limit: streaming requests must set "
-                               "stream_options.include_usage=true so usage can be counted",
+                               "stream_options.include_usage=true (audio forms: stream_include_usage=true) "
+                               "so usage can be counted",
                                code="stream_options_include_usage_required", param="stream_options",
                                cause="no-stream-options-include-usage")
         return Admission(choice, profile.requests_per_second if profile is not None else None)
@@ -206,7 +227,3 @@ class RequestControl:
                                                                                  else "invalid")
         self.metrics.count_request(label, strategy, "", str(err.status))
 
-
-def _include_usage(request: RoutingRequest) -> bool:
-    opts = (request.body or {}).get("stream_options")
-    return isinstance(opts, dict) and opts.get("include_usage") is True

@@ -10,7 +10,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from routing.errors import RoutingError
+from routing.errors import OPENAI, RoutingError
 
 METADATA_NAMESPACE = "extproc-router"  # must match envoyconfig's response_headers_to_add
 TARGET_POD_HEADER = "target-pod"
@@ -100,8 +100,10 @@ def json_immediate_response(status: int, body: object, headers: Iterable[tuple[s
     )).SerializeToString()
 
 
-def error_response(err: RoutingError, request_id: str, extra: Iterable[tuple[str, str]] = ()) -> bytes:
-    """An OpenAI-shaped error with an `x-error-<cause>` header naming why."""
+def error_response(err: RoutingError, request_id: str, extra: Iterable[tuple[str, str]] = (),
+                   style: str = OPENAI) -> bytes:
+    """An error in the path's `style` (OpenAI's, or Anthropic's on /v1/messages) with an
+    `x-error-<cause>` header naming why."""
     headers = [(f"x-error-{err.cause}", err.cause_value), ("request-id", request_id), *extra]
-    return json_immediate_response(err.status, err.to_body(), headers,
+    return json_immediate_response(err.status, err.to_body(style), headers,
                                    details=f"extproc_router_{err.cause}".replace("-", "_"))

@@ -31,6 +31,7 @@ from ext_proc.control import (
     MODELS_PATH,
     RequestControl,
     ServiceSettings,
+    check_plan,
     models_list,
     path_error,
     too_large,
@@ -39,8 +40,8 @@ from ext_proc.metrics import RouterMetrics
 from ext_proc.prefill import PrefillClient
 from extproc_router.ratelimit.limits import Limiter, UserLimits, Verdict
 from extproc_router.ratelimit.usage import UsageScanner
-from routing.errors import RoutingError
-from routing.request import RoutingRequest, dump_body, parse_body
+from routing.errors import OPENAI, RoutingError
+from routing.request import RoutingRequest, dump_body, error_style, parse_body
 from routing.router import Decision, ProfileChoice, Router
 
 if TYPE_CHECKING:
@@ -54,8 +55,8 @@ _FromString = ep.ProcessingRequest.FromString
 
 # Headers the router reads; everything else in the request is left alone.
 _WANTED = frozenset({":path", ":method", "routing-strategy", "config-profile", "user", "x-request-id",
-                     "target-pod", "authorization", "content-type", "x-session-id", "x-aibrix-session-key",
-                     "traceparent"})
+                     "target-pod", "authorization", "x-api-key", "content-type", "x-session-id",
+                     "x-aibrix-session-key", "traceparent"})
 
 # Response body is only subscribed to for requests whose tokens count against a TPM limit; every
 # field must be set because a mode override replaces the whole mode.
@@ -98,6 +99,7 @@ class ExtProcStream:
         "_nbytes",
         "_pipelined",
         "_stream",
+        "_style",
         "_svc",
         "_usage",
         "closed",
@@ -121,6 +123,7 @@ class ExtProcStream:
         self._nbytes = 0
         self._pipelined = True
         self._usage: UsageScanner | None = None
+        self._style = OPENAI  # the error shape of the request's path
         self.headers: dict[str, str] = {}
         self.path = ""
         self.method = ""
@@ -174,13 +177,14 @@ class ExtProcStream:
         path = hdrs.get(":path", "")
         q = path.find("?")
         self.path = path if q < 0 else path[:q]
+        self._style = error_style(self.path)
         self.method = hdrs.get(":method", "")
         self.request_id = hdrs.get("x-request-id") or uuid.uuid4().hex
         self.user = hdrs.get("user", "").strip()
         pc = req.protocol_config
         self._pipelined = pc.request_body_mode == _STREAMED and pc.send_body_without_waiting_for_header_response
         ctl = self._ctl
-        if not ctl.api_key_ok(hdrs.get("authorization")):
+        if not ctl.api_key_ok(hdrs.get("authorization"), hdrs.get("x-api-key")):
             ctl.metrics.auth_failures.inc()
             self._fail(RoutingError(401, "Incorrect API key provided.", code="invalid_api_key", param="api_key",
                                     cause="authentication"))
@@ -255,7 +259,7 @@ class ExtProcStream:
         t0 = time.perf_counter()
         model = ""
         try:
-            request = parse_body(self.path, raw)
+            request = parse_body(self.path, raw, self.headers.get("content-type"))
             model = request.model
             entry = ctl.router.model_entry(model)
             if self._pipelined and self.user:
@@ -291,6 +295,11 @@ class ExtProcStream:
                                          self.headers)
         except RoutingError as err:
             self._fail(err, model=request.model)
+            return
+        refused = check_plan(request, decision)
+        if refused is not None:
+            ctl.router.release(decision)
+            self._fail(refused, model=request.model)
             return
         self.decision = decision
         self.done = True
@@ -368,4 +377,4 @@ class ExtProcStream:
         self.status = str(err.status)
         self._ctl.count_failure(err, model, self.headers.get("routing-strategy") or "")
         log.info("request %s %s %s -> %d %s", self.request_id, self.method, self.path, err.status, err.message)
-        self._stream.send_message(msgs.error_response(err, self.request_id, extra or ()))
+        self._stream.send_message(msgs.error_response(err, self.request_id, extra or (), self._style))

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from extproc_router.kv_events import KvEventSettings, parse_tokenizer_map
 from routing.strategies.prefix_cache import PrefixCacheSettings
 from statesync import StateSyncSettings
 
@@ -24,6 +25,7 @@ class ConfigError(ValueError):
 
 _PC = PrefixCacheSettings()  # read for its defaults
 _SYNC = StateSyncSettings(redis_host="")  # read for its defaults
+_KV = KvEventSettings()  # read for its defaults
 
 
 @dataclass
@@ -74,6 +76,13 @@ class RouterConfig:
     prefix_cache_pod_kv_tokens: int = _PC.pod_kv_tokens
     prefix_cache_kv_pressure_weight: float = _PC.kv_pressure_weight
     prefix_cache_cost_waiting_tokens: float = _PC.cost_waiting_tokens
+    prefix_cache_kv_events_speculative_s: float = _PC.kv_events_speculative_s
+    prefix_cache_kv_events_max_blocks_per_pod: int = _PC.kv_events_max_blocks_per_pod
+    # Precise prefix-cache routing from the engines' KV-cache events (extproc_router/kv_events.py;
+    # KvEventSettings states the defaults and what they mean).
+    kv_events_enabled: bool = _KV.enabled
+    kv_events_tokenizers: str | None = _KV.tokenizers
+    kv_events_replay_timeout_ms: int = _KV.replay_timeout_ms
 
 
 # Environment variables users of the reference gateway already know, plus ours for the rest.
@@ -112,6 +121,11 @@ ENV_VARS: dict[str, str] = {
     "AIBRIX_PREFIX_CACHE_POD_KV_TOKENS": "prefix_cache_pod_kv_tokens",
     "AIBRIX_PREFIX_CACHE_KV_PRESSURE_WEIGHT": "prefix_cache_kv_pressure_weight",
     "AIBRIX_PREFIX_CACHE_COST_WAITING_TOKENS": "prefix_cache_cost_waiting_tokens",
+    "EXTPROC_ROUTER_KV_EVENTS_SPECULATIVE_SECONDS": "prefix_cache_kv_events_speculative_s",
+    "EXTPROC_ROUTER_KV_EVENTS_MAX_BLOCKS_PER_POD": "prefix_cache_kv_events_max_blocks_per_pod",
+    "EXTPROC_ROUTER_KV_EVENTS": "kv_events_enabled",
+    "EXTPROC_ROUTER_KV_EVENTS_TOKENIZERS": "kv_events_tokenizers",
+    "EXTPROC_ROUTER_KV_EVENTS_REPLAY_TIMEOUT_MS": "kv_events_replay_timeout_ms",
 }
 
 # RouterConfig's `prefix_cache_<name>` is PrefixCacheSettings' `<name>`.
@@ -186,6 +200,12 @@ def prefix_cache_settings(cfg: RouterConfig) -> PrefixCacheSettings:
     return PrefixCacheSettings(**{name: v for name, v in values.items() if v is not None})
 
 
+def kv_event_settings(cfg: RouterConfig) -> KvEventSettings:
+    """The KV-event subscribers' settings from the configuration object."""
+    return KvEventSettings(enabled=cfg.kv_events_enabled, tokenizers=cfg.kv_events_tokenizers,
+                           replay_timeout_ms=cfg.kv_events_replay_timeout_ms)
+
+
 def statesync_settings(cfg: RouterConfig) -> StateSyncSettings:
     """Statesync's settings from the configuration object (requires `cfg.redis_host`)."""
     assert cfg.redis_host
@@ -239,4 +259,9 @@ def build_config(file_section: Mapping[str, Any] | None = None, env: Mapping[str
     split_hostport(cfg.grpc_listen, "grpc_listen")
     split_hostport(cfg.http_listen, "http_listen")
     _check_prefix_cache(cfg, origin)
+    try:
+        parse_tokenizer_map(cfg.kv_events_tokenizers)
+    except ValueError as exc:
+        source = origin.get("kv_events_tokenizers", "kv_events_tokenizers")
+        raise ConfigError(f"{source}: {exc}") from None
     return cfg

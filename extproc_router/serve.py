@@ -20,10 +20,18 @@ from ext_proc.http_app import build_http_app
 from ext_proc.metrics import RouterMetrics, RouterStateCollector, StrategyCollector
 from ext_proc.prefill import PrefillClient
 from ext_proc.service import PROCESS_PATH, ExtProcService, ServiceSettings, models_list
-from extproc_router.config import ConfigError, RouterConfig, prefix_cache_settings, split_hostport, statesync_settings
+from extproc_router.config import (
+    ConfigError,
+    RouterConfig,
+    kv_event_settings,
+    prefix_cache_settings,
+    split_hostport,
+    statesync_settings,
+)
 from extproc_router.discovery.manager import FileDiscovery
 from extproc_router.discovery.pod_metrics import PodMetricsScraper
 from extproc_router.discovery.static_file import DiscoveryError, PodFile, read_pod_file
+from extproc_router.kv_events import KvEventSubscribers, load_engine_tokenizers, parse_tokenizer_map
 from extproc_router.policy import parse_api_keys, parse_users
 from routing.pods import PodSnapshot
 from routing.router import Router, RoutingSettings
@@ -71,6 +79,14 @@ class RouterProcess:
             raise ConfigError(str(exc)) from None
         self.registry.register(RouterStateCollector(lambda: self.router))
         self.registry.register(StrategyCollector(lambda: self.router))
+        # Precise prefix-cache state: every replica follows the engines' KV-cache events itself.
+        kv_blocks = self.router.stats.kv_blocks
+        try:
+            kv_blocks.set_tokenizers(*load_engine_tokenizers(parse_tokenizer_map(cfg.kv_events_tokenizers)))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.kv_events = KvEventSubscribers(kv_blocks, kv_event_settings(cfg))
+        self.registry.register(self.kv_events.collector())
         # Cross-replica state: exists before discovery, which publishes the first pod snapshot.
         self.statesync: StateSync | None = None
         if cfg.statesync_enabled and cfg.redis_host:
@@ -121,6 +137,7 @@ class RouterProcess:
         if self.statesync is not None:
             self.statesync.on_pods(snapshot)
         self.pod_metrics.set_pods(p for m in snapshot.models.values() for p in m.ready)
+        self.kv_events.set_pods(p for m in snapshot.models.values() for p in m.ready)
 
     def _publish_pod_metrics(self, metrics: dict[str, EngineStats]) -> None:
         stats = self.router.stats
@@ -155,6 +172,7 @@ class RouterProcess:
         elif self.cfg.redis_host and not self.cfg.statesync_enabled:
             log.info("AIBRIX_STATESYNC_ENABLED is not true: Redis serves rate limits only; prefix-cache state and "
                      "in-flight counts are not shared between replicas")
+        await self.kv_events.start()  # before discovery: its first snapshot names the pods to follow
         await self.discovery.start()
         if self.statesync is not None:
             # Catch up (snapshots + stream tail, bounded wait) before the first request is routed.
@@ -190,6 +208,7 @@ class RouterProcess:
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         await self.discovery.stop()
+        await self.kv_events.stop()
         await self.pod_metrics.stop()
         await self.service.control.prefill.close()
         if self.redis is not None:

@@ -6,6 +6,13 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "inval
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           503: "overloaded_error"}
 
+# Error body shapes: a path's spec (routing/request.py) names the one its clients parse.
+OPENAI = "openai"  # {"error": {"message", "type", "param", "code"}}
+ANTHROPIC = "anthropic"  # {"type": "error", "error": {"type", "message"}} (Anthropic's Messages API)
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+
 
 # What a client sent comes back in error messages, headers and logs: capped, so a 3 MB model name
 # is not reflected as a 3 MB header nor written whole to the log for every request.
@@ -51,6 +58,10 @@ class RoutingError(Exception):
     def error_type(self) -> str:
         return _TYPES.get(self.status, "api_error")
 
-    def to_body(self) -> dict:
+    def to_body(self, style: str = OPENAI) -> dict:
+        """The error body in `style`: OpenAI's (the default) or Anthropic's."""
+        if style == ANTHROPIC:
+            return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
+                                               "message": self.message}}
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
                           "code": self.code}}

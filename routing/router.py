@@ -30,7 +30,7 @@ from routing.strategies import (
     Strategy,
     builtin_strategies,
 )
-from routing.strategies.prefix_cache import PrefixCacheSettings, new_prefix_index
+from routing.strategies.prefix_cache import PrefixCacheSettings, new_kv_index, new_prefix_index
 from routing.tokenizers import BYTES_PER_TOKEN
 
 DEFAULT_STRATEGY = "random"
@@ -79,7 +79,7 @@ class Router:
         pc.validate()
         self.rng = rng or random.Random()
         self.load = load or LoadTracker(prefill_rate=pc.prefill_tokens_per_s)
-        self.stats = PodStats(self.load, default_kv_tokens=pc.pod_kv_tokens)
+        self.stats = PodStats(self.load, default_kv_tokens=pc.pod_kv_tokens, kv_blocks=new_kv_index(pc))
         self.prefix_index = new_prefix_index(pc)
         self.strategies: dict[str, Strategy] = builtin_strategies(prefix_cache=pc, index=self.prefix_index,
                                                                      clock=clock)
@@ -107,6 +107,7 @@ class Router:
         # A pod failing its health checks is dying or restarting, and a restarted engine comes back
         # with an empty KV cache: routing there by its old prefixes would be routing to misses.
         self.prefix_index.retain_pods(ready)
+        self.stats.kv_blocks.retain_pods(ready)  # the same for the engines' own block reports
 
     def flush_prefix_index(self) -> int:
         """Forget every prefix (the pods' caches were flushed); returns the entries dropped."""

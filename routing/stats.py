@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from routing.kv_index import KvBlockIndex
 from routing.load import LoadTracker
 
 
@@ -25,7 +26,8 @@ class EngineStats:
 
 
 class PodStats:
-    """In-flight load (`load`), the last engine scrape per pod (`engine`) and KV capacities.
+    """In-flight load (`load`), the last engine scrape per pod (`engine`), KV capacities, and the
+    blocks each engine reports holding in its KV-cache events (`kv_blocks`, fed by the subscribers).
 
     A pod missing from `engine` was not reachable in the last scrape: unknown, not idle. Capacities
     are merged across scrapes (a pod whose scrape failed keeps the capacity it reported, which does
@@ -33,10 +35,12 @@ class PodStats:
     never reported one (AIBRIX_PREFIX_CACHE_POD_KV_TOKENS; 0: unknown).
     """
 
-    __slots__ = ("_known", "default_kv_tokens", "engine", "kv_capacity", "load")
+    __slots__ = ("_known", "default_kv_tokens", "engine", "kv_blocks", "kv_capacity", "load")
 
-    def __init__(self, load: LoadTracker, default_kv_tokens: float = 0.0) -> None:
+    def __init__(self, load: LoadTracker, default_kv_tokens: float = 0.0,
+                 kv_blocks: KvBlockIndex | None = None) -> None:
         self.load = load
+        self.kv_blocks = kv_blocks if kv_blocks is not None else KvBlockIndex()
         self.default_kv_tokens = default_kv_tokens
         self.engine: Mapping[str, EngineStats] = {}
         self.kv_capacity: dict[str, float] = {}
@@ -46,6 +50,7 @@ class PodStats:
         """The pod snapshot changed: forget what is known of pods that are gone."""
         self._known = set(keep)
         self.load.forget(self._known)
+        self.kv_blocks.retain_pods(self._known)
         if not self.kv_capacity.keys() <= self._known:
             self.kv_capacity = {k: c for k, c in self.kv_capacity.items() if k in self._known}
         if not self.engine.keys() <= self._known:

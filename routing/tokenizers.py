@@ -126,3 +126,147 @@ def count_tokens(text: str) -> int:
         except ValueError:
             return max(1, int(len(text.encode("utf-8", "replace")) / BYTES_PER_TOKEN))
     return int(_COUNTER.encode(text, 1 << 30)[1])
+
+
+# -- engine token ids (precise prefix matching from the engines' KV-cache events) ---------------
+#
+# The precise index (`routing/kv_index.py`) re-hashes the token ids an engine reports in its
+# BlockStored events, so the router must produce the very ids the engine cached: the engine's
+# tokenizer applied to the text the engine tokenized (its chat template's rendering). Every
+# tokenizer below lays ids out as 4-byte big-endian integers, as `TiktokenTokenizer` does, so one
+# `chain_hashes` call hashes a request and an event's blocks alike.
+
+ENGINE_TOKENIZERS = ("cl100k", "bytes")  # besides a path to a tokenizer.json
+CHAT_SIMULATOR = "simulator"
+CHAT_CHATML = "chatml"
+CHAT_FORMATS = (CHAT_SIMULATOR, CHAT_CHATML)
+
+
+class ByteIdsTokenizer:
+    """UTF-8 bytes as token ids (the simulator's `--tokenizer bytes`): free, exact for that engine."""
+
+    name = "bytes"
+    unit_bytes = 4
+    units_per_token = 1.0
+
+    def encode(self, text: str, max_units: int) -> tuple[bytes, float]:
+        head_chars = text[:max_units]  # a character is at least one byte
+        raw = head_chars.encode("utf-8", "surrogatepass")
+        total = float(len(raw)) if len(head_chars) == len(text) else len(raw) * len(text) / max(len(head_chars), 1)
+        return np.frombuffer(raw[:max_units], dtype=np.uint8).astype(">u4").tobytes(), total
+
+
+class HuggingFaceTokenizer:
+    """A model's own tokenizer from the text of its `tokenizer.json` (the `tokenizers` package, which
+    is optional: imported here, never at module load). Nothing is downloaded: the application reads
+    the file and hands its text over.
+
+    `add_special_tokens` False by default: a chat template's rendering already holds the BOS and
+    role tokens, and vLLM tokenizes it without adding more.
+    """
+
+    name = "tokenizer.json"
+    unit_bytes = 4
+    units_per_token = 1.0
+    _CHARS_PER_TOKEN_BUDGET = 6  # as TiktokenTokenizer: the cut is at a fixed character count
+
+    def __init__(self, json_text: str, *, add_special_tokens: bool = False) -> None:
+        try:
+            from tokenizers import Tokenizer as _HFTokenizer
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            raise ValueError("a tokenizer.json needs the `tokenizers` package (pip install tokenizers)") from exc
+        try:
+            self._tok = _HFTokenizer.from_str(json_text)
+        except Exception as exc:  # the library raises its own exception type
+            raise ValueError(f"not a usable tokenizer.json: {exc}") from None
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self._special = add_special_tokens
+
+    def encode(self, text: str, max_units: int) -> tuple[bytes, float]:
+        head = text[: max_units * self._CHARS_PER_TOKEN_BUDGET]
+        ids = self._tok.encode(head, add_special_tokens=self._special).ids
+        total = float(len(ids)) if len(head) == len(text) else len(ids) * len(text) / max(len(head), 1)
+        return np.asarray(ids[:max_units], dtype=">u4").tobytes(), total
+
+
+def render_chat(messages: list, chat_format: str) -> str:
+    """The text an engine tokenizes for a chat, in one of `CHAT_FORMATS`.
+
+    * `simulator`: ``<|role|>\\n{content}\\n`` per message, as `extproc_router.simulator` renders it;
+    * `chatml`: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message and the generation prompt
+      ``<|im_start|>assistant\\n`` (Qwen-style templates that add no default system prompt).
+
+    Content given as parts contributes its text parts joined with a newline. A template the router
+    does not reproduce gives no precise match at all (never a wrong one): the pods are then routed
+    by load and the approximate index's history is not used for them.
+    """
+    parts: list[str] = []
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role", "")
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "\n".join(p["text"] for p in content
+                                if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+        elif not isinstance(content, str):
+            content = ""
+        if chat_format == CHAT_CHATML:
+            parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+        else:
+            parts.append(f"<|{role}|>\n{content}\n")
+    if chat_format == CHAT_CHATML:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+class EngineTokenizer:
+    """A request's prompt as the engine's token ids: chat rendered in `chat_format`, completion text
+    as it is (a list of strings joined by newlines), token-id prompts used as they are."""
+
+    __slots__ = ("chat_format", "tokenizer")
+
+    def __init__(self, tokenizer: Tokenizer, chat_format: str = CHAT_SIMULATOR) -> None:
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"unknown chat format {chat_format!r}; valid: {', '.join(CHAT_FORMATS)}")
+        if tokenizer.unit_bytes != 4:
+            raise ValueError("an engine tokenizer must produce token ids (4 bytes each)")
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+
+    def encode_body(self, body: dict | None, max_tokens: int) -> tuple[bytes, float] | None:
+        """The first `max_tokens` ids as 4-byte big-endian integers and the prompt's length in
+        tokens; None when the body holds nothing this tokenizer can render."""
+        if not body:
+            return None
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            return self.tokenizer.encode(render_chat(messages, self.chat_format), max_tokens)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, max_tokens)
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                return self.tokenizer.encode("\n".join(prompt), max_tokens)
+            flat = [t for p in prompt for t in p] if isinstance(prompt[0], list) else prompt
+            try:
+                ids = np.asarray(flat[:max_tokens], dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                return None
+            if ids.ndim != 1 or (len(ids) and (ids.min() < 0 or ids.max() >= 2**32)):
+                return None
+            return ids.astype(">u4").tobytes(), float(len(flat))
+        return None
+
+
+def make_engine_tokenizer(spec: str, chat_format: str = CHAT_SIMULATOR, *,
+                          json_text: str | None = None) -> EngineTokenizer:
+    """`cl100k`, `bytes`, or (with the file's `json_text`, read by the caller) a tokenizer.json."""
+    if json_text is not None:
+        return EngineTokenizer(HuggingFaceTokenizer(json_text), chat_format)
+    if spec == "cl100k":
+        return EngineTokenizer(TiktokenTokenizer(), chat_format)
+    if spec == "bytes":
+        return EngineTokenizer(ByteIdsTokenizer(), chat_format)
+    raise ValueError(f"unknown engine tokenizer {spec!r}; valid: {', '.join(ENGINE_TOKENIZERS)} or a tokenizer.json")

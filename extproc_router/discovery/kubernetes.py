@@ -8,7 +8,11 @@ What is tracked and when a pod is routable follows the reference gateway (its po
 * routable when the pod has an IP, its `Ready` condition is True and it is not terminating
   (`metadata.deletionTimestamp` is set as soon as a delete starts, before the containers stop);
 * port from the label `model.aibrix.ai/port` (default 8000), roles from `role-name` / `roleset-name`,
-  the model's profiles from the annotation `model.aibrix.ai/config` (read by PodSnapshot.build).
+  the model's profiles from the annotation `model.aibrix.ai/config` (read by PodSnapshot.build);
+* the engine's KV-cache events from the annotation (or label) `model.aibrix.ai/kv-events-port`, plus
+  `model.aibrix.ai/kv-events-replay-port` for its replay socket, both on the pod's IP (vLLM's
+  `--kv-events-config` endpoint `tcp://*:PORT` and replay_endpoint); read by `extproc_router.kv_events`,
+  a bad value is logged there and the pod is routed by the approximate index.
 
 Readiness comes from the pod's `Ready` condition alone, not from HTTP probes of our own: the kubelet
 already runs the pod's readiness probe, the reference gateway trusts the same condition, and probing

@@ -9,6 +9,11 @@
             namespace: default               # optional
             labels: {role-name: prefill, roleset-name: rs0}
             annotations: {model.aibrix.ai/config: "..."}
+            kv_events_port: 5557             # optional: the engine's KV-events PUB port on the pod's IP
+            kv_events_replay_port: 5558      # optional: its replay (ROUTER) port
+
+`kv_events_port` / `kv_events_replay_port` are short for the annotations
+`model.aibrix.ai/kv-events-port` / `model.aibrix.ai/kv-events-replay-port` (the Kubernetes form).
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ import yaml
 from routing.pods import LABEL_PORT, Pod
 
 DEFAULT_POD_PORT = 8000
+# Where a pod's engine publishes its KV-cache events (vLLM's --kv-events-config endpoint and
+# replay_endpoint ports), read as annotations, else labels, on the pod (extproc_router.kv_events).
+ANNOTATION_KV_EVENTS_PORT = "model.aibrix.ai/kv-events-port"
+ANNOTATION_KV_EVENTS_REPLAY_PORT = "model.aibrix.ai/kv-events-replay-port"
+_KV_EVENTS_KEYS = {"kv_events_port": ANNOTATION_KV_EVENTS_PORT,
+                   "kv_events_replay_port": ANNOTATION_KV_EVENTS_REPLAY_PORT}
 
 
 class DiscoveryError(ValueError):
@@ -122,11 +133,19 @@ def parse_pod_file(data: Any, source: str = "<config>") -> PodFile:
             pw = f"{where}.pods[{i}]"
             if not isinstance(item, dict):
                 raise DiscoveryError(f"{pw}: expected a mapping")
-            unknown = set(item) - {"name", "address", "ip", "port", "namespace", "labels", "annotations"}
+            unknown = set(item) - {"name", "address", "ip", "port", "namespace", "labels", "annotations",
+                                   *_KV_EVENTS_KEYS}
             if unknown:
                 raise DiscoveryError(f"{pw}: unknown key(s) {sorted(unknown)}")
             labels = _str_map(f"{pw}.labels", item.get("labels"))
             annotations = _str_map(f"{pw}.annotations", item.get("annotations"))
+            for key, annotation in _KV_EVENTS_KEYS.items():
+                if key in item:
+                    annotations[annotation] = str(item[key])
+            for annotation in _KV_EVENTS_KEYS.values():
+                value = annotations.get(annotation, labels.get(annotation))
+                if value is not None and not (value.isdigit() and 0 < int(value) < 65536):
+                    raise DiscoveryError(f"{pw}: {annotation} must be a port, got {value!r}")
             address = _address(pw, item, labels)
             name = str(item.get("name") or f"{model}-{i}")
             namespace = str(item.get("namespace") or "default")

@@ -12,6 +12,7 @@ The result is a plain dict (what ``yaml.safe_dump`` and ``envoy -c`` need); :fun
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 from collections.abc import Sequence
@@ -379,7 +380,32 @@ def _local_reply_config(values: GatewayValues) -> dict[str, Any]:
             ),
         },
     ]
-    return {"mappers": mappers}
+    # Anthropic's Messages API clients parse Anthropic's error shape: the same replies, first, for
+    # /v1/messages (the router answers that path in that shape too).
+    return {"mappers": [_anthropic_reply(m) for m in mappers] + mappers}
+
+
+ANTHROPIC_PATHS_REGEX = r"^/v1/messages(\?.*)?$"
+_ANTHROPIC_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def _anthropic_reply(mapper: dict[str, Any]) -> dict[str, Any]:
+    """`mapper` restricted to the Anthropic paths, its body in Anthropic's error shape."""
+    status = mapper["status_code"]
+    text = mapper["body_format_override"]["text_format_source"]["inline_string"].replace("%%", "%")
+    kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    body = {"type": "error", "error": {"type": kind, "message": json.loads(text)["error"]["message"]}}
+    path = {"header_filter": {"header": {"name": ":path",
+                                         "string_match": {"safe_regex": {"regex": ANTHROPIC_PATHS_REGEX}}}}}
+    return {
+        "filter": {"and_filter": {"filters": [path, copy.deepcopy(mapper["filter"])]}},  # no shared YAML anchors
+        "status_code": status,
+        "body_format_override": {
+            "text_format_source": {"inline_string": json.dumps(body, separators=(",", ":")).replace("%", "%%")},
+            "content_type": "application/json",
+        },
+    }
 
 
 def _openai_error(status: int, message: str, error_type: str, code: str) -> dict[str, Any]:

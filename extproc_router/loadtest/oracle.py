@@ -1,15 +1,28 @@
-"""The oracle hit rate: the prefix-cache hit rate of an ideal router with an infinite cache.
+"""The oracle hit rates: what an ideal router could reach with an infinite cache, and with a finite one.
 
-Such a router would send every request to a pod that already holds the longest cached prefix of
-its prompt, and no block would ever be evicted, so a prompt's cached part is the longest run of
-its leading blocks that some earlier request also had. Blocks are cut and hashed exactly as the
-simulated pods do it (``simulator.tokenizer``), so the oracle and the pods' reported
-``cached_tokens`` count the same thing and the achieved/oracle ratio is meaningful.
+*Infinite cache* (`Oracle.run`): an ideal router sends every request to a pod that already holds
+the longest cached prefix of its prompt, and no block is ever evicted, so a prompt's cached part
+is the longest run of its leading blocks that some earlier request also had.
+
+*Finite cache* (`Oracle.run_finite`, `lru_hits`): the same ideal router, but in front of one cache
+as large as the whole fleet (pods x tokens per pod) that evicts like a pod does: least recently
+used block first, where serving a request uses all its blocks and leaves its first block the most
+recent and its last the least (vLLM frees a finished request's blocks tail first, so the end of
+a prompt goes before its beginning). Requests are served one at a time in sending order, and no
+request pins blocks while another one needs room. This is what is *reachable*: blocks evicted
+before their reuse cost any router the hit. It is a reference rather than a strict bound: the
+fleet's caches are separate (a prefix copied onto two pods takes room twice, and a router can
+also isolate a scan on one pod, which a single LRU cannot).
+
+Blocks are cut and hashed exactly as the simulated pods do it (``simulator.tokenizer``), so the
+oracles and the pods' reported ``cached_tokens`` count the same thing and the achieved/oracle
+ratios are meaningful.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -63,19 +76,40 @@ class Oracle:
 
     def run(self, bodies: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
         """(prompt tokens, oracle-cached tokens) per body, for bodies in sending order, from a cold cache."""
-        seen: set[int] = set()
-        out: list[tuple[int, int]] = []
-        for body in bodies:
-            n_tokens, hashes = self.blocks(body)
-            # Hashes are chained, so a block can only match if every block before it matched too.
-            matched = 0
-            for h in hashes:
-                if h not in seen:
-                    break
-                matched += 1
-            seen.update(hashes)
-            out.append((n_tokens, min(n_tokens, matched * self.block_size)))
-        return out
+        return self.run_finite(bodies, None)
+
+    def run_finite(self, bodies: Iterable[dict[str, Any]], capacity_tokens: int | None) -> list[tuple[int, int]]:
+        """`run` with one LRU cache of ``capacity_tokens`` (see the module docstring); None: infinite."""
+        blocks = [self.blocks(body) for body in bodies]
+        capacity = None if capacity_tokens is None else capacity_tokens // self.block_size
+        hits = lru_hits((hashes for _, hashes in blocks), capacity)
+        return [(n, min(n, matched * self.block_size)) for (n, _), matched in zip(blocks, hits, strict=True)]
+
+
+def lru_hits(chains: Iterable[Sequence[int]], capacity_blocks: int | None) -> list[int]:
+    """Leading blocks of each chain found cached, serving the chains in order through one LRU cache.
+
+    ``chains`` are chained block hashes (equal hashes mean equal prefixes). After a chain is
+    served its blocks are the most recently used, its first block most of all; then the least
+    recently used blocks go until ``capacity_blocks`` remain (None: nothing is ever evicted).
+    """
+    cache: OrderedDict[int, None] = OrderedDict()
+    out: list[int] = []
+    for hashes in chains:
+        # Hashes are chained, so a block can only match if every block before it matched too.
+        matched = 0
+        for h in hashes:
+            if h not in cache:
+                break
+            matched += 1
+        out.append(matched)
+        for h in reversed(hashes):
+            cache[h] = None
+            cache.move_to_end(h)
+        if capacity_blocks is not None:
+            while len(cache) > capacity_blocks:
+                cache.popitem(last=False)
+    return out
 
 
 def hit_rate(pairs: Iterable[tuple[int, int]]) -> float | None:

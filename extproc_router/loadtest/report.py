@@ -56,6 +56,12 @@ def summarize(result: ArmResult) -> dict[str, Any]:
         if with_oracle
         else None
     )
+    with_finite = [r for r in with_oracle if r.oracle_finite_cached_tokens is not None]
+    oracle_finite = (
+        hit_rate((r.oracle_prompt_tokens or 0, r.oracle_finite_cached_tokens or 0) for r in with_finite)
+        if with_finite
+        else None
+    )
 
     pods: dict[str, dict[str, Any]] = {}
     for r in recs:
@@ -110,6 +116,7 @@ def summarize(result: ArmResult) -> dict[str, Any]:
         "output_tokens": output_tokens,
         "hit_rate": {
             "oracle": None if oracle is None else round(oracle, 4),
+            "oracle_finite": None if oracle_finite is None else round(oracle_finite, 4),
             "achieved": None if achieved is None else round(achieved, 4),
         },
         "prompt_tokens": {
@@ -176,23 +183,36 @@ TABLE_COLUMNS = (
 
 TURN_COLUMNS = ("TTFT p90 1st turn", "TTFT p90 later turns")
 
+FINITE_ORACLE_COLUMN = "hit oracle LRU"
+"""The finite-cache oracle's hit rate, after "hit oracle" when it was computed."""
+
 
 def _by_turn(summaries: list[dict[str, Any]]) -> bool:
     return any(s.get("ttft_by_turn_ms") for s in summaries if not s["skipped"])
 
 
+def _finite_oracle(summaries: list[dict[str, Any]]) -> bool:
+    return any((s["hit_rate"].get("oracle_finite") is not None) for s in summaries if not s["skipped"])
+
+
 def table_columns(summaries: list[dict[str, Any]]) -> tuple[str, ...]:
-    """TABLE_COLUMNS, with the per-turn TTFT columns after TTFT p99 for a multi-turn run."""
-    if not _by_turn(summaries):
-        return TABLE_COLUMNS
-    at = TABLE_COLUMNS.index("TTFT p99") + 1
-    return TABLE_COLUMNS[:at] + TURN_COLUMNS + TABLE_COLUMNS[at:]
+    """TABLE_COLUMNS, with the per-turn TTFT columns after TTFT p99 for a multi-turn run and the
+    finite-cache oracle after the infinite one when it was computed."""
+    columns = TABLE_COLUMNS
+    if _finite_oracle(summaries):
+        at = columns.index("hit oracle") + 1
+        columns = (*columns[:at], FINITE_ORACLE_COLUMN, *columns[at:])
+    if _by_turn(summaries):
+        at = columns.index("TTFT p99") + 1
+        columns = columns[:at] + TURN_COLUMNS + columns[at:]
+    return columns
 
 
 def table_rows(summaries: list[dict[str, Any]]) -> list[list[str]]:
     """One row of `table_columns` per arm; a skipped arm says why."""
     columns = table_columns(summaries)
-    turn_cells = len(columns) > len(TABLE_COLUMNS)
+    turn_cells = TURN_COLUMNS[0] in columns
+    finite_cell = FINITE_ORACLE_COLUMN in columns
     rows = []
     for s in summaries:
         if s["skipped"]:
@@ -216,6 +236,7 @@ def table_rows(summaries: list[dict[str, Any]]) -> list[list[str]]:
                 fmt_num(s["throughput"]["requests_per_s"]),
                 fmt_num(s["throughput"]["output_tokens_per_s"], 0),
                 fmt_pct(s["hit_rate"]["oracle"]),
+                *([fmt_pct(s["hit_rate"].get("oracle_finite"))] if finite_cell else []),
                 fmt_pct(s["hit_rate"]["achieved"]),
                 pod_spread(s),
             ]

@@ -1,4 +1,4 @@
-"""Runs arms: arrival (Poisson or closed loop), bounds (requests, duration), progress, pod resets.
+"""Runs arms: arrival (Poisson, closed loop or a trace's timestamps), bounds (requests, duration), progress, resets.
 
 An *arm* is one routing configuration measured on the whole workload: a strategy of the target
 (sent as the ``routing-strategy`` header) or another target altogether (a peer router). Arms run
@@ -83,20 +83,38 @@ class RunSettings:
     preflight: bool = True
     block_size: int = 16
     tokenizer_kind: str = "cl100k"
+    oracle_cache_tokens: int | None = None
+    """KV capacity per pod of the finite-cache oracle; None: no finite-cache oracle."""
+    oracle_pods: int = 1
+    """Pods whose capacity the finite-cache oracle pools."""
 
     @property
     def path(self) -> str:
         return self.workload.path
 
+    @property
+    def oracle_capacity_tokens(self) -> int | None:
+        """The finite-cache oracle's capacity: pods x tokens per pod (None: not computed)."""
+        if self.oracle_cache_tokens is None:
+            return None
+        return self.oracle_cache_tokens * self.oracle_pods
+
+    def arrival(self) -> str:
+        """How requests are sent, in words."""
+        if self.workload.name == "trace":
+            return f"trace timestamps x {self.workload.time_scale:g}"
+        return f"poisson {self.rate}/s" if self.rate else f"closed loop, concurrency {self.concurrency}"
+
     def describe(self) -> dict[str, Any]:
         """The settings as plain data, for report.json."""
+        scheduled = self.workload.name == "trace"
         return {
             "model": self.model,
             "path": self.path,
             "workload": dataclasses.asdict(self.workload),
-            "arrival": f"poisson {self.rate}/s" if self.rate else f"closed loop, concurrency {self.concurrency}",
-            "rate": self.rate,
-            "concurrency": None if self.rate else self.concurrency,
+            "arrival": self.arrival(),
+            "rate": None if scheduled else self.rate,
+            "concurrency": None if self.rate or scheduled else self.concurrency,
             "requests": self.workload.planned_requests(),
             "duration_s": self.duration,
             "grace_s": self.grace,
@@ -104,6 +122,8 @@ class RunSettings:
             "reset_urls": list(self.reset_urls),
             "block_size": self.block_size,
             "tokenizer": self.tokenizer_kind,
+            "oracle_cache_tokens": self.oracle_cache_tokens,
+            "oracle_pods": self.oracle_pods if self.oracle_cache_tokens is not None else None,
             "extra_headers": sorted(self.headers),
             "extra_body": self.extra_body,
         }
@@ -131,6 +151,8 @@ class Record:
     cached_tokens: int | None = None
     oracle_prompt_tokens: int | None = None
     oracle_cached_tokens: int | None = None
+    oracle_finite_cached_tokens: int | None = None
+    """What the finite-cache oracle (one LRU of the fleet's capacity) would have served from cache."""
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the body (the workload settings regenerate it)."""
@@ -156,6 +178,7 @@ class Record:
             "cached_tokens": self.cached_tokens,
             "oracle_prompt_tokens": self.oracle_prompt_tokens,
             "oracle_cached_tokens": self.oracle_cached_tokens,
+            "oracle_finite_cached_tokens": self.oracle_finite_cached_tokens,
         }
 
 
@@ -284,7 +307,7 @@ async def run_arm(
         finally:
             progress.end_arm()
     if oracle is not None:
-        apply_oracle(oracle, result.records)
+        apply_oracle(oracle, result.records, settings.oracle_capacity_tokens)
     return result
 
 
@@ -300,7 +323,8 @@ async def _send_all(
 ) -> None:
     loop = asyncio.get_running_loop()
     in_flight: set[asyncio.Task[None]] = set()
-    closed_loop = settings.rate is None
+    scheduled = workload.scheduled
+    closed_loop = settings.rate is None and not scheduled
     slots = asyncio.Semaphore(settings.concurrency) if closed_loop else None
     arrivals = random.Random(f"arrivals:{settings.workload.seed}")
     t0 = time.perf_counter()
@@ -334,19 +358,28 @@ async def _send_all(
         next_at = t0
         seq = 0
         while seq < workload.size:
-            if slots is not None:
-                await slots.acquire()
-            else:
-                # Open loop: the schedule does not wait for answers, so queueing shows in latency.
-                next_at += arrivals.expovariate(settings.rate)
-                delay = next_at - time.perf_counter()
+            if scheduled:
+                # The workload's own clock (a trace's timestamps), open loop like Poisson arrivals.
+                req = await workload.next()
+                if req is None:
+                    return "workload"
+                delay = t0 + req.at_s - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            req = await workload.next()
-            if req is None:
+            else:
                 if slots is not None:
-                    slots.release()
-                return "workload"
+                    await slots.acquire()
+                else:
+                    # Open loop: the schedule does not wait for answers, so queueing shows in latency.
+                    next_at += arrivals.expovariate(settings.rate)
+                    delay = next_at - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                req = await workload.next()
+                if req is None:
+                    if slots is not None:
+                        slots.release()
+                    return "workload"
             task = loop.create_task(send(req, seq))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
@@ -384,15 +417,20 @@ async def _send_all(
         result.records.sort(key=lambda r: r.seq)
 
 
-def apply_oracle(oracle: Oracle, records: list[Record]) -> None:
+def apply_oracle(oracle: Oracle, records: list[Record], capacity_tokens: int | None = None) -> None:
     """Fill the oracle counts of the successful records, replayed in the order they were sent.
 
     Failed requests are left out: no pod computed their prompt, so they warm no cache and the
-    achieved hit rate (from successful requests' usage) covers the same set.
+    achieved hit rate (from successful requests' usage) covers the same set. With
+    ``capacity_tokens`` the finite-cache oracle (one LRU of that many tokens) is filled in too.
     """
     served = [r for r in sorted(records, key=lambda r: r.seq) if r.ok]
     for rec, (prompt, cached) in zip(served, oracle.run(r.body for r in served), strict=True):
         rec.oracle_prompt_tokens, rec.oracle_cached_tokens = prompt, cached
+    if capacity_tokens is not None:
+        finite = oracle.run_finite((r.body for r in served), capacity_tokens)
+        for rec, (_, cached) in zip(served, finite, strict=True):
+            rec.oracle_finite_cached_tokens = cached
 
 
 async def run_arms(

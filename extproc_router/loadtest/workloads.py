@@ -5,7 +5,7 @@ token with or without a leading space, so "N words joined by spaces" is N prompt
 token counts can be chosen on the command line. The same `WorkloadSpec` (same seed) always yields
 the same requests, which is what makes arms of a ``--compare`` run comparable.
 
-Three workloads:
+Four workloads:
 
 * ``shared-prefix``: ``groups`` system prompts of ``prefix_tokens``, each shared by
   ``prompts_per_group`` questions of ``question_tokens``; the requests are shuffled, so a group's
@@ -17,6 +17,9 @@ Three workloads:
   ``--user-history-prompt``: the earlier chat or documents only that user's turns share).
 * ``random``: every prompt is fresh text of ``prefix_tokens + question_tokens``; no reuse beyond
   what a chat template shares.
+* ``trace``: the requests of a trace file in the common (Mooncake) format, sent at the trace's
+  timestamps (`loadtest.traces`); prompts are made from its hash ids so that its prefix sharing is
+  reproduced exactly.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-WorkloadName = Literal["shared-prefix", "multi-turn", "random"]
+WorkloadName = Literal["shared-prefix", "multi-turn", "random", "trace"]
 PathKind = Literal["chat", "completions"]
 
-WORKLOADS: tuple[str, ...] = ("shared-prefix", "multi-turn", "random")
+WORKLOADS: tuple[str, ...] = ("shared-prefix", "multi-turn", "random", "trace")
 
 _WORD_LIST = """
     the of and to in is that for it as was with be by on not he this are or his from at which but have an they
@@ -72,6 +75,16 @@ class WorkloadSpec:
     """multi-turn: user-specific context before the first question (0: none)."""
     requests: int | None = None
     """Requests to plan; None = the workload's natural size (random: 100)."""
+    trace: str | None = None
+    """trace: the JSONL file."""
+    block_tokens: int = 512
+    """trace: tokens per hash id (512 in the Mooncake traces)."""
+    time_scale: float = 1.0
+    """trace: multiplies the timestamps (0.5: twice as fast)."""
+    token_scale: float = 1.0
+    """trace: multiplies prompt, output and block lengths."""
+    tokenizer: str = "cl100k"
+    """trace: the pods' tokenizer kind, which a hash id's block is exactly ``block_tokens`` tokens of."""
 
     def natural_size(self) -> int:
         """The number of distinct requests the workload defines."""
@@ -79,13 +92,19 @@ class WorkloadSpec:
             return self.groups * self.prompts_per_group
         if self.name == "multi-turn":
             return self.users * self.rounds
+        if self.name == "trace":
+            from extproc_router.loadtest.traces import load_trace
+
+            if self.trace is None:
+                raise ValueError("the trace workload needs a trace file")
+            return len(load_trace(self.trace))
         return 100
 
     def planned_requests(self) -> int:
-        """Requests a run of this spec sends at most (multi-turn cannot go past users x rounds)."""
+        """Requests a run of this spec sends at most (multi-turn: users x rounds; trace: its lines)."""
         n = self.requests if self.requests is not None else self.natural_size()
-        if self.name == "multi-turn":
-            n = min(n, self.users * self.rounds)
+        if self.name in ("multi-turn", "trace"):
+            n = min(n, self.natural_size())
         return n
 
 
@@ -99,10 +118,15 @@ class PlannedRequest:
     """Where it comes from, e.g. ``g3/q1`` (group 3, question 1), ``u2/r4``, ``r17``."""
     body: dict[str, Any]
     user: int | None = None
+    at_s: float = 0.0
+    """When to send it, in seconds from the start of the arm (workloads with ``scheduled`` set)."""
 
 
 class Workload(ABC):
     """A source of requests. Stateful (multi-turn feeds answers back), so build one per arm."""
+
+    scheduled = False
+    """True: requests carry their own send times (``PlannedRequest.at_s``), not the run's arrival process."""
 
     def __init__(self, spec: WorkloadSpec) -> None:
         self.spec = spec
@@ -248,4 +272,8 @@ def build_workload(spec: WorkloadSpec) -> Workload:
         return MultiTurnWorkload(spec)
     if spec.name == "random":
         return random_prompts(spec)
+    if spec.name == "trace":
+        from extproc_router.loadtest.traces import TraceWorkload
+
+        return TraceWorkload(spec)
     raise ValueError(f"unknown workload {spec.name!r}; choose one of {', '.join(WORKLOADS)}")

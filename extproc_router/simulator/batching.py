@@ -35,6 +35,11 @@ stay pinned (a *hold*, like vLLM's delayed free for ``do_remote_decode`` request
 decode pod has fetched them (`BatchingEngine.release_hold`) or ``kv_hold_s`` has passed. Held
 blocks count as used, so a prefill pod whose decode pods never fetch fills up and queues, as a
 real one would.
+
+KV-cache events (`BatchingEngine.attach_kv_events`): the cache changes of a step (blocks stored
+when a prefill chunk fills them, blocks evicted to make room) go to the sink as one batch when the
+step completes, as vLLM publishes each engine step's events; a reset's AllBlocksCleared goes at
+once. Nothing is recorded while no sink is attached.
 """
 
 from __future__ import annotations
@@ -47,12 +52,13 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from extproc_router.simulator.config import EngineConfig
 from extproc_router.simulator.kv_cache import KVCache
+from extproc_router.simulator.kv_events import Event, KVEventRecorder
 from extproc_router.simulator.sequence import Sequence, count_by_model
 
 __all__ = ["BatchingEngine", "KVSequence"]
@@ -94,6 +100,7 @@ class KVSequence(Sequence):
         "produced",
         "state",
         "target",
+        "token_ids",
     )
 
     def __init__(
@@ -107,6 +114,7 @@ class KVSequence(Sequence):
         prefill_only: bool = False,
         kv_transferred: bool = False,
         hold_kv: bool = False,
+        token_ids: list[int] | None = None,
     ) -> None:
         if hold_kv and not prefill_only:
             raise ValueError("hold_kv is for prefill_only sequences")
@@ -119,6 +127,8 @@ class KVSequence(Sequence):
         )
         self.block_hashes = block_hashes
         """Chained hashes of the prompt's full blocks (`simulator.tokenizer.block_hashes`)."""
+        self.token_ids = token_ids
+        """The prompt's token ids, kept only when KV events need them (BlockStored carries them)."""
         self.prefill_only = prefill_only
         """Ends after the first token (a prefill pod's half of a disaggregated request)."""
         self.hold_kv = hold_kv
@@ -198,6 +208,7 @@ class BatchingEngine:
         """Hold ids by offered block ids: how a vLLM-style release (block ids only) finds its hold."""
         self._hold_ids = itertools.count(1)
         self._held_blocks = 0
+        self._kv_sink: Callable[[list[Event]], object] | None = None
         self._zero_counters()
 
     def _zero_counters(self) -> None:
@@ -350,7 +361,8 @@ class BatchingEngine:
     def reset(self) -> None:
         """Flush the prefix cache, drop the KV holds and zero the counters; admitted sequences keep running.
 
-        A decode pod's later release of a dropped hold is simply not found.
+        A decode pod's later release of a dropped hold is simply not found. With KV events, the
+        events still pending and then AllBlocksCleared go to the sink at once.
         """
         for hold_id in list(self._holds):
             self._drop_hold(hold_id)
@@ -358,6 +370,21 @@ class BatchingEngine:
         for seq in self._running:
             seq._registered = len(seq.block_hashes)  # nothing computed before the reset gets cached
         self._zero_counters()
+        self._flush_kv_events()
+
+    def attach_kv_events(self, sink: Callable[[list[Event]], object]) -> None:
+        """Record the cache's KV events from now on and hand each step's batch to ``sink``.
+
+        Sequences then need their ``token_ids`` (a BlockStored carries the tokens of its blocks);
+        a sequence without them is reported with empty ``token_ids``.
+        """
+        self.cache.recorder = KVEventRecorder()
+        self._kv_sink = sink
+
+    def _flush_kv_events(self) -> None:
+        recorder, sink = self.cache.recorder, self._kv_sink
+        if recorder is not None and sink is not None and recorder.pending:
+            sink(recorder.take())
 
     async def aclose(self) -> None:
         """Stop the scheduler task and the hold timers."""
@@ -395,6 +422,7 @@ class BatchingEngine:
             now = loop.time()
             batch = self._schedule(now)
             if batch is None:
+                self._flush_kv_events()  # evictions of an admission that computes nothing this step
                 await self._idle(now)
                 deadline = loop.time()
                 continue
@@ -405,6 +433,7 @@ class BatchingEngine:
             if deadline > now:
                 await asyncio.sleep(deadline - now)
             self._complete(batch)
+            self._flush_kv_events()
             self.steps += 1
             self.step_time_model_s += duration
             self.step_time_wall_s += loop.time() - started
@@ -552,9 +581,12 @@ class BatchingEngine:
             seq.kv_len += new
             full = min(seq.kv_len // block_size, len(seq.block_hashes))
             if full > seq._registered:
-                hashes, blocks = seq.block_hashes, seq.blocks
-                for b in range(seq._registered, full):
-                    cache.register(blocks[b], hashes[b])
+                if cache.recorder is None:
+                    hashes, blocks = seq.block_hashes, seq.blocks
+                    for b in range(seq._registered, full):
+                        cache.register(blocks[b], hashes[b])
+                else:
+                    self._register_recorded(seq, full)
                 seq._registered = full
             if seq.kv_len < seq.target:
                 continue  # more prompt chunks to go
@@ -569,6 +601,31 @@ class BatchingEngine:
                 finished = True
         if finished:
             self._running = [seq for seq in self._running if seq.state is not State.FINISHED]
+
+    def _register_recorded(self, seq: KVSequence, full: int) -> None:
+        """Register blocks ``seq._registered .. full - 1`` and record a BlockStored per run of new ones.
+
+        A block whose hash another block already holds is not stored again (it stays anonymous), so
+        it ends a run; the next run names the block before it as its parent all the same.
+        """
+        cache = self.cache
+        recorder = cache.recorder
+        assert recorder is not None
+        block_size = cache.block_size
+        hashes, blocks, tokens = seq.block_hashes, seq.blocks, seq.token_ids
+        run_start: int | None = None
+        for b in range(seq._registered, full + 1):
+            stored = b < full and cache.register(blocks[b], hashes[b])
+            if stored and run_start is None:
+                run_start = b
+            elif not stored and run_start is not None:
+                recorder.stored(
+                    hashes[run_start:b],
+                    hashes[run_start - 1] if run_start else None,
+                    tokens[run_start * block_size : b * block_size] if tokens is not None else [],
+                    block_size,
+                )
+                run_start = None
 
     # ----------------------------------------------------------------- leaving the engine
 

@@ -18,7 +18,14 @@ from extproc_router.argtypes import (
     positive_float,
     positive_int,
 )
-from extproc_router.simulator.config import DEFAULT_BOOTSTRAP_PORT, ROLES, SimConfig
+from extproc_router.simulator.config import (
+    DEFAULT_BOOTSTRAP_PORT,
+    KV_EVENTS_FORMATS,
+    ROLES,
+    KVEventsConfig,
+    SimConfig,
+    kv_events_config_from_json,
+)
 
 log = logging.getLogger("simulator")
 
@@ -54,6 +61,16 @@ SGLang style: both pods get bootstrap_host/bootstrap_port/bootstrap_room; the pr
 its KV under the room, the decode pod waits for it (GET <bootstrap_host>:<bootstrap_port>
 /sim/kv/room/<room>, answered on the prefill pod's --bootstrap-port and on its HTTP port) for at
 most --bootstrap-timeout-s, then 503. Without transfer fields any role serves a request whole.
+
+KV-cache events (--timing model). --kv-events-endpoint tcp://HOST:PORT (or vLLM's
+--kv-events-config JSON) publishes vLLM's KV events on a ZeroMQ PUB socket as the prefix cache
+changes: each engine step's BlockStored (full blocks filled, with their token ids and the parent
+block's hash), BlockRemoved (evicted blocks) and AllBlocksCleared (at start and on POST
+/sim/reset) go out as one msgpack batch [ts, events, data_parallel_rank] in the three-frame
+message [topic, 8-byte big-endian sequence number, payload]. --kv-events-replay-endpoint adds
+vLLM's ROUTER replay socket: send a start sequence number (8 bytes big-endian), get the buffered
+batches from it, then an end marker (sequence -1, empty payload). The simulator binds both
+endpoints (port 0: any free port, logged); vLLM would connect a PUB endpoint that names a host.
 """
 
 
@@ -210,6 +227,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long an SGLang-style decode request waits for its prefill's bootstrap room before a 503",
     )
 
+    kv = parser.add_argument_group("KV-cache events (--timing model)")
+    kv.add_argument(
+        "--kv-events-config",
+        metavar="JSON",
+        help='vLLM\'s --kv-events-config: {"enable_kv_cache_events": true, "publisher": "zmq", '
+        '"endpoint": "tcp://*:5557", "replay_endpoint": ..., "topic": ..., "buffer_steps": ..., '
+        '"hwm": ...}; the --kv-events-* options below override its fields',
+    )
+    kv.add_argument(
+        "--kv-events-endpoint",
+        metavar="ENDPOINT",
+        help="publish KV events on a ZeroMQ PUB socket bound here, e.g. tcp://127.0.0.1:5557 (port 0: any free port)",
+    )
+    kv.add_argument(
+        "--kv-events-replay-endpoint",
+        metavar="ENDPOINT",
+        help="ROUTER socket answering replay requests from the last --kv-events-buffer-steps batches",
+    )
+    kv.add_argument("--kv-events-topic", metavar="TOPIC", help="topic frame of every message (vLLM's default: empty)")
+    kv.add_argument("--kv-events-buffer-steps", type=positive_int, metavar="N", help="batches kept for replay (10000)")
+    kv.add_argument(
+        "--kv-events-format",
+        choices=KV_EVENTS_FORMATS,
+        default="map",
+        help="map: vLLM's current events (each a msgpack map tagged by its 'type' key, vllm-project/vllm#42892; replay "
+        "replies carry the topic frame, #45177; both in v0.26); array: earlier releases' tagged positional arrays, "
+        "replay replies without the topic",
+    )
+
     faults = parser.add_argument_group("faults")
     faults.add_argument(
         "--fail-every",
@@ -243,6 +289,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if bootstrap_port is None:
         bootstrap_port = DEFAULT_BOOTSTRAP_PORT if args.role == "prefill" else 0
     return SimConfig(
+        kv_events=kv_events_from_args(args),
         models=list(dict.fromkeys(models)),
         pod_name=args.pod_name,
         ttft_ms=args.ttft_ms,
@@ -273,10 +320,46 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     )
 
 
+def kv_events_from_args(args: argparse.Namespace) -> KVEventsConfig | None:
+    """The KV events settings of ``--kv-events-config`` and the ``--kv-events-*`` options; None: no events.
+
+    ValueError for a bad JSON, a bad endpoint, or events without ``--timing model``.
+    """
+    config = None
+    if args.kv_events_config is not None:
+        config = kv_events_config_from_json(args.kv_events_config, args.kv_events_format)
+    if args.kv_events_endpoint is not None:
+        config = KVEventsConfig(**{**_fields(config), "endpoint": args.kv_events_endpoint})
+    elif config is None and (args.kv_events_replay_endpoint or args.kv_events_topic is not None):
+        raise ValueError("--kv-events-replay-endpoint and --kv-events-topic need --kv-events-endpoint")
+    if config is None:
+        return None
+    overrides: dict[str, object] = {"format": args.kv_events_format}
+    if args.kv_events_replay_endpoint is not None:
+        overrides["replay_endpoint"] = args.kv_events_replay_endpoint
+    if args.kv_events_topic is not None:
+        overrides["topic"] = args.kv_events_topic
+    if args.kv_events_buffer_steps is not None:
+        overrides["buffer_steps"] = args.kv_events_buffer_steps
+    if args.timing != "model":
+        raise ValueError("KV events follow the KV cache, which only --timing model has")
+    return KVEventsConfig(**{**_fields(config), **overrides})
+
+
+def _fields(config: KVEventsConfig | None) -> dict[str, object]:
+    if config is None:
+        return {}
+    return {name: getattr(config, name) for name in KVEventsConfig.__dataclass_fields__}
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM (exit code 0) or until ``--die-after`` is reached (exit code 3)."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     if not config.models:
         log.error("--model names no model")
         return 2
@@ -311,6 +394,15 @@ async def _serve(config: SimConfig, host: str, port: int, grace_s: float) -> int
         config.role,
         f" bootstrap_port={server.bootstrap_port}" if server.bootstrap_port is not None else "",
     )
+    if server.kv_events is not None:
+        log.info(
+            "sim pod=%s: KV events on %s (replay: %s, topic %r, format %s)",
+            server.pod_name,
+            server.kv_events.endpoint,
+            server.kv_events.replay_endpoint or "none",
+            config.kv_events.topic if config.kv_events else "",
+            config.kv_events.format if config.kv_events else "",
+        )
 
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()

@@ -7,8 +7,9 @@ imports nothing of the simulator, so every other module of it may import this on
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Timing = Literal["fixed", "model"]
 
@@ -63,6 +64,110 @@ class EngineConfig:
     def transfer_s(self, tokens: int) -> float:
         """Time to receive ``tokens`` tokens of KV computed by another pod."""
         return tokens / 1000.0 * self.kv_transfer_s_per_1k_tokens
+
+
+KVEventsFormat = Literal["map", "array"]
+"""How a KV event is laid out in a batch (see `simulator.kv_events`): ``map``, vLLM's current
+encoding (a tagged map per event), or ``array``, the tagged positional arrays of earlier releases."""
+
+KV_EVENTS_FORMATS: tuple[KVEventsFormat, ...] = ("map", "array")
+
+
+@dataclass(frozen=True)
+class KVEventsConfig:
+    """Where and how a pod publishes vLLM's KV-cache events over ZeroMQ (`simulator.kv_publisher`).
+
+    The fields are those of vLLM's ``--kv-events-config`` that change what goes on the wire, with
+    vLLM's defaults; ``format`` is ours (vLLM has one format per release). Unlike vLLM, which
+    *connects* its PUB socket when the endpoint names a host (it binds only ``*``, ``::``, ipc and
+    inproc endpoints), the simulator always binds: subscribers connect to the pod. A TCP port of 0
+    binds any free port (``SimServer.kv_events.endpoint`` tells which).
+    """
+
+    endpoint: str = "tcp://*:5557"
+    """PUB socket: every batch goes out as (topic, 8-byte big-endian sequence number, msgpack payload)."""
+    replay_endpoint: str | None = None
+    """ROUTER socket answering replay requests (a start sequence number); None: no replay."""
+    topic: str = ""
+    buffer_steps: int = 10_000
+    """Batches kept for replay."""
+    hwm: int = 100_000
+    """ZeroMQ send high-water mark of the PUB socket (a subscriber that falls this far behind loses batches)."""
+    format: KVEventsFormat = "map"
+
+    def __post_init__(self) -> None:
+        for name in ("endpoint", "replay_endpoint"):
+            value = getattr(self, name)
+            if value is not None:
+                check_zmq_endpoint(value, name)
+        if self.replay_endpoint == self.endpoint and not self.endpoint.endswith((":0", ":*")):
+            raise ValueError("replay_endpoint must differ from endpoint")
+        if self.buffer_steps < 1 or self.hwm < 1:
+            raise ValueError("buffer_steps and hwm must be >= 1")
+        if self.format not in KV_EVENTS_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(KV_EVENTS_FORMATS)}, got {self.format!r}")
+
+
+_VLLM_KV_EVENTS_KEYS = frozenset(
+    {"enable_kv_cache_events", "publisher", "endpoint", "replay_endpoint", "buffer_steps", "hwm", "max_queue_size",
+     "topic"}
+)  # fmt: skip
+"""The fields of vLLM's ``KVEventsConfig`` (vllm/config/kv_events.py)."""
+
+
+def kv_events_config_from_json(text: str, format: KVEventsFormat = "map") -> KVEventsConfig | None:
+    """vLLM's ``--kv-events-config`` JSON as a `KVEventsConfig`; None when it leaves events off.
+
+    As in vLLM, events are on when ``enable_kv_cache_events`` is true and ``publisher`` is ``zmq``
+    (its default then); ``publisher: "null"`` turns them off. ``max_queue_size`` is accepted and
+    has no effect (the simulator has no publisher queue). Unknown keys and wrong types raise
+    ValueError.
+    """
+    try:
+        data: Any = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--kv-events-config is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("--kv-events-config must be a JSON object")
+    unknown = sorted(set(data) - _VLLM_KV_EVENTS_KEYS)
+    if unknown:
+        raise ValueError(f"--kv-events-config: unknown keys {', '.join(unknown)}")
+    enabled = data.get("enable_kv_cache_events", False)
+    if not isinstance(enabled, bool):
+        raise ValueError("--kv-events-config: enable_kv_cache_events must be true or false")
+    publisher = data.get("publisher", "zmq" if enabled else "null")
+    if publisher not in ("zmq", "null"):
+        raise ValueError(f"--kv-events-config: publisher must be 'zmq' or 'null', got {publisher!r}")
+    for key in ("endpoint", "topic"):
+        if key in data and not isinstance(data[key], str):
+            raise ValueError(f"--kv-events-config: {key} must be a string")
+    if data.get("replay_endpoint") is not None and not isinstance(data["replay_endpoint"], str):
+        raise ValueError("--kv-events-config: replay_endpoint must be a string or null")
+    for key in ("buffer_steps", "hwm", "max_queue_size"):
+        if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 1):
+            raise ValueError(f"--kv-events-config: {key} must be an integer >= 1")
+    if not enabled or publisher == "null":
+        return None
+    defaults = KVEventsConfig()
+    return KVEventsConfig(
+        endpoint=data.get("endpoint", defaults.endpoint),
+        replay_endpoint=data.get("replay_endpoint"),
+        topic=data.get("topic", defaults.topic),
+        buffer_steps=data.get("buffer_steps", defaults.buffer_steps),
+        hwm=data.get("hwm", defaults.hwm),
+        format=format,
+    )
+
+
+def check_zmq_endpoint(endpoint: str, what: str = "endpoint") -> None:
+    """ValueError unless ``endpoint`` is ``tcp://HOST:PORT`` (PORT 0-65535 or ``*``) or ``ipc://PATH``."""
+    if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
+        return
+    if not endpoint.startswith("tcp://"):
+        raise ValueError(f"{what} {endpoint!r}: expected tcp://HOST:PORT or ipc://PATH")
+    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
+    if not sep or not host or not (port == "*" or (port.isdigit() and int(port) <= 65535)):
+        raise ValueError(f"{what} {endpoint!r}: expected tcp://HOST:PORT with PORT 0-65535 or *")
 
 
 Role = Literal["combined", "prefill", "decode"]
@@ -121,6 +226,9 @@ class SimConfig:
     """Stop serving after this many completion responses (0 = never); the CLI then exits 3."""
     unhealthy: bool = False
     """GET /health answers 503."""
+    kv_events: KVEventsConfig | None = None
+    """Publish vLLM's KV-cache events (BlockStored, BlockRemoved, AllBlocksCleared) over ZeroMQ as the
+    prefix cache changes; model timing only. None: no events."""
 
     def engine_config(self) -> EngineConfig:
         """The engine part of the configuration, in seconds."""

@@ -12,13 +12,20 @@ least recently freed evictable block is the first to be reused for new data. So:
   evicted before its beginning, and a shared beginning survives longest (as in vLLM).
 
 This module is pure bookkeeping (no asyncio, no timing); the scheduler in `simulator.batching`
-decides when to call it.
+decides when to call it. With a `recorder` attached (`simulator.kv_events.KVEventRecorder`), the
+cache records vLLM's events for what it does itself: evictions (BlockRemoved, one event per
+`allocate` call) and `reset` (AllBlocksCleared); the scheduler records the stores, which need
+the blocks' tokens.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from extproc_router.simulator.kv_events import KVEventRecorder
 
 __all__ = ["KVCache"]
 
@@ -42,6 +49,8 @@ class KVCache:
         """Free blocks holding nothing worth keeping; taken before any evictable block."""
         self.evictions = 0
         """Cached blocks overwritten since the last reset."""
+        self.recorder: KVEventRecorder | None = None
+        """Where evictions and resets are recorded as KV events; None: nowhere."""
 
     # ----------------------------------------------------------------- state
 
@@ -108,6 +117,7 @@ class KVCache:
         if count > self.num_free:
             raise RuntimeError(f"cannot allocate {count} blocks, {self.num_free} free")
         blocks: list[int] = []
+        evicted: list[int] | None = [] if self.recorder is not None else None
         for _ in range(count):
             if self._empty:
                 block = self._empty.pop()
@@ -117,21 +127,28 @@ class KVCache:
                 if old_hash is not None:
                     del self._by_hash[old_hash]
                     self._hash_of[block] = None
+                    if evicted is not None:
+                        evicted.append(old_hash)
                 self.evictions += 1
             self._refs[block] = 1
             blocks.append(block)
+        if evicted:
+            assert self.recorder is not None
+            self.recorder.removed(evicted)
         return blocks
 
-    def register(self, block: int, block_hash: int) -> None:
+    def register(self, block: int, block_hash: int) -> bool:
         """Record that used block ``block`` now holds the full prompt block with ``block_hash``.
 
         If another block already holds that hash (two sequences computed the same prefix at the
-        same time), this one stays anonymous and is simply freed later, as in vLLM.
+        same time), this one stays anonymous and is simply freed later. Returns whether the hash
+        entered the cache (False as well without prefix caching).
         """
         if not self.prefix_caching or block_hash in self._by_hash or self._hash_of[block] is not None:
-            return
+            return False
         self._by_hash[block_hash] = block
         self._hash_of[block] = block_hash
+        return True
 
     def release(self, blocks: Sequence[int]) -> None:
         """Drop one reference from each of a sequence's ``blocks`` (given in prompt order).
@@ -156,3 +173,5 @@ class KVCache:
             self._hash_of[block] = None
         self._by_hash.clear()
         self.evictions = 0
+        if self.recorder is not None:
+            self.recorder.cleared()

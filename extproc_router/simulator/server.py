@@ -6,7 +6,8 @@ formats in `simulator.openai_format`, metrics in `simulator.metrics`, prefill/de
 disaggregation fields and SGLang bootstrap rooms in `simulator.disagg`; this module wires them
 to routes, fault injection and the test-facing ``/sim/*`` endpoints (``/sim/kv/*`` being the
 prefill pod's side of disaggregation: room lookups and hold releases, also served on the
-bootstrap listener of ``SimConfig.bootstrap_port``).
+bootstrap listener of ``SimConfig.bootstrap_port``). With ``SimConfig.kv_events`` the pod also
+publishes vLLM's KV-cache events (`simulator.kv_publisher`).
 
 Programmatic use (tests, local stack)::
 
@@ -25,7 +26,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -49,14 +50,28 @@ from extproc_router.simulator.engine import Sequence, SimEngine, make_engine
 from extproc_router.simulator.metrics import CONTENT_TYPE, SimMetrics
 from extproc_router.simulator.openai_format import (
     SSE_DONE,
+    Api,
+    ApiWriter,
+    AudioApi,
+    ClassifyApi,
     CompletionRequest,
+    EmbeddingsApi,
+    ImagesApi,
     Kind,
+    MessagesApi,
+    PoolApi,
     RequestError,
+    RerankApi,
+    ResponsesApi,
     ResponseWriter,
+    ScoreApi,
     parse_request,
     usage,
 )
 from extproc_router.simulator.tokenizer import block_hashes, render_prompt, tokenize
+
+if TYPE_CHECKING:
+    from extproc_router.simulator.kv_publisher import KVEventPublisher
 
 __all__ = ["POD_HEADER", "Faults", "SimConfig", "SimServer", "SimStats", "start_sim"]
 
@@ -114,9 +129,14 @@ class SimServer:
     def __init__(self, config: SimConfig) -> None:
         if not config.models:
             raise ValueError("SimConfig.models must name at least one model")
+        if config.kv_events is not None and config.timing != "model":
+            raise ValueError("KV events need model timing (timing='model'): fixed timing has no KV cache")
         self.config = config
         self.models = tuple(dict.fromkeys(config.models))
         self.engine: SimEngine = make_engine(config.engine_config())
+        self.kv_events: KVEventPublisher | None = None
+        """The KV events publisher once started (``SimConfig.kv_events``); its ``endpoint`` and
+        ``replay_endpoint`` are the bound addresses."""
         self.metrics = SimMetrics(self.engine, self.models)
         self.faults = Faults(fail_every=config.fail_every, stall=config.stall, unhealthy=config.unhealthy)
         self.stats = SimStats()
@@ -162,6 +182,8 @@ class SimServer:
         if self.config.timing == "model":
             # Load the vocabulary now (cl100k: ~0.7 s) rather than inside the first request's TTFT.
             await asyncio.get_running_loop().run_in_executor(None, tokenize, "", self.config.tokenizer)
+        if self.config.kv_events is not None:
+            await self._start_kv_events()
         app = self._build_app()
         # handler_cancellation: a client that hangs up cancels its handler, so a stalled or
         # streaming request does not keep counting as in flight.
@@ -170,7 +192,13 @@ class SimServer:
         # A large backlog: load tests open hundreds of connections at once, and a full accept
         # queue turns into 1 s SYN retransmits that look like server latency.
         site = web.TCPSite(runner, host, port, backlog=4096)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            if self.kv_events is not None:
+                await self.kv_events.aclose()
+            raise
         self._runner = runner
         self.host = host
         self.port = runner.addresses[0][1]
@@ -178,6 +206,18 @@ class SimServer:
             self.pod_name = f"{socket.gethostname()}-{self.port}"
         if self.config.bootstrap_port is not None:
             await self._start_bootstrap(host, self.config.bootstrap_port)
+
+    async def _start_kv_events(self) -> None:
+        """Bind the KV events sockets and announce an empty cache (AllBlocksCleared, sequence number 0)."""
+        from extproc_router.simulator.batching import BatchingEngine
+        from extproc_router.simulator.kv_publisher import KVEventPublisher
+
+        assert self.config.kv_events is not None and isinstance(self.engine, BatchingEngine)
+        publisher = KVEventPublisher(self.config.kv_events)
+        await publisher.start()
+        self.kv_events = publisher
+        publisher.publish_cleared()
+        self.engine.attach_kv_events(publisher.publish)
 
     async def _start_bootstrap(self, host: str, port: int) -> None:
         """Open the SGLang bootstrap listener: room lookups and releases on a port of their own.
@@ -233,6 +273,8 @@ class SimServer:
         self.rooms.clear()
         await self.peers.aclose()
         await self.engine.aclose()
+        if self.kv_events is not None:
+            await self.kv_events.aclose()
 
     async def __aenter__(self) -> SimServer:
         return self
@@ -265,6 +307,7 @@ class SimServer:
         app.on_response_prepare.append(self._stamp_pod)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
+        self._add_api_routes(app)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
@@ -298,6 +341,7 @@ class SimServer:
             rooms=len(self.rooms),
             engine=self.engine.snapshot(),
             faults=asdict(self.faults),
+            kv_events=self.kv_events.stats() if self.kv_events is not None else None,
         )
         return web.Response(body=orjson.dumps(body), headers=_JSON_HEADERS)
 
@@ -468,7 +512,35 @@ class SimServer:
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle_completion(request, "completion")
 
-    async def _handle_completion(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+    def _add_api_routes(self, app: web.Application) -> None:
+        """The rest of vLLM's serving surface, each API over the same engine (`openai_format.Api`):
+        Anthropic messages and OpenAI responses as chat; embeddings, pooling, classification,
+        rerank, score and image generation as one prefill step; audio forms as a completion."""
+        apis: dict[str, Callable[[], Api]] = {
+            "/v1/messages": MessagesApi,
+            "/v1/responses": ResponsesApi,
+            "/v1/embeddings": EmbeddingsApi,
+            "/pooling": PoolApi,
+            "/v1/classify": ClassifyApi,
+            "/classify": ClassifyApi,
+            "/v1/rerank": RerankApi,
+            "/rerank": RerankApi,
+            "/v2/rerank": RerankApi,
+            "/v1/score": ScoreApi,
+            "/score": ScoreApi,
+            "/v1/images/generations": ImagesApi,
+            "/v1/audio/transcriptions": lambda: AudioApi("transcribe"),
+            "/v1/audio/translations": lambda: AudioApi("translate"),
+        }
+        for path, make in apis.items():
+
+            async def handler(request: web.Request, make: Callable[[], Api] = make) -> web.StreamResponse:
+                api = make()
+                return await self._handle_completion(request, api.kind, api)
+
+            app.router.add_post(path, handler)
+
+    async def _handle_completion(self, request: web.Request, kind: Kind, api: Api | None = None) -> web.StreamResponse:
         stats = self.stats
         stats.in_flight += 1
         if stats.in_flight > stats.max_in_flight:
@@ -480,10 +552,11 @@ class SimServer:
             }
             arrival = asyncio.get_running_loop().time()
             try:
-                creq, model, body = self._parse(kind, await request.read())
+                content_type = request.headers.get("Content-Type", "")
+                creq, model, body = self._parse(kind, await request.read(), api, content_type)
                 disagg = parse_disagg(body, self.config.role)
             except RequestError as err:
-                return await self._answer(request, _error_response(err))
+                return await self._answer(request, _error_response(err, api))
             sent_fields = transfer_fields(body)
             if sent_fields:
                 stats.last_transfer_fields = sent_fields
@@ -495,7 +568,7 @@ class SimServer:
                 err = RequestError(
                     500, "Simulated engine failure (fail_every)", type_="server_error", code="simulated_failure"
                 )
-                return await self._answer(request, _error_response(err))
+                return await self._answer(request, _error_response(err, api))
             if self.faults.stall:
                 await self._unstalled.wait()
 
@@ -507,7 +580,7 @@ class SimServer:
             too_long = self.engine.admission_error(seq)
             if too_long is not None:
                 err = RequestError(400, too_long, param="max_tokens", code="context_length_exceeded")
-                return await self._answer(request, _error_response(err))
+                return await self._answer(request, _error_response(err, api))
             if disagg is not None and disagg.decode and disagg.room is not None:
                 # SGLang: the prefill half was sent at the same time; wait for its KV to be ready.
                 try:
@@ -515,15 +588,19 @@ class SimServer:
                 except BootstrapError as exc:
                     self.metrics.counters[model].bootstrap_timeouts += 1
                     err = RequestError(503, str(exc), type_="service_unavailable", code=exc.code)
-                    return await self._answer(request, _error_response(err))
-            prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+                    return await self._answer(request, _error_response(err, api))
+            prefix = api.id_prefix if api is not None else "chatcmpl-" if kind == "chat" else "cmpl-"
             # vLLM derives its response id from X-Request-Id when the client sends one.
             request_id = prefix + (request.headers.get("x-request-id") or self._next_request_id())
-            writer = ResponseWriter(kind, request_id, int(time.time()), model, creq.num_choices)
+            writer: ResponseWriter | ApiWriter = (
+                api.writer(request_id, int(time.time()), model) if api is not None
+                else ResponseWriter(kind, request_id, int(time.time()), model, creq.num_choices))
             if prefill and disagg is not None and disagg.room is not None:
                 self.rooms.open(disagg.room)
             try:
-                if creq.stream:
+                if creq.stream and isinstance(writer, ApiWriter):
+                    return await self._stream_api(request, seq, writer, finish_reason, arrival, disagg)
+                if creq.stream and isinstance(writer, ResponseWriter):
                     return await self._stream(request, creq, seq, writer, finish_reason, arrival, disagg)
                 return await self._respond(request, seq, writer, finish_reason, arrival, disagg)
             finally:
@@ -541,11 +618,16 @@ class SimServer:
         self._request_counter += 1
         return f"{self._id_base}{self._request_counter:08x}"
 
-    def _parse(self, kind: Kind, raw: bytes) -> tuple[CompletionRequest, str, dict[str, Any]]:
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise RequestError(400, f"Request body is not valid JSON: {exc}") from None
+    def _parse(
+        self, kind: Kind, raw: bytes, api: Api | None = None, content_type: str = ""
+    ) -> tuple[CompletionRequest, str, dict[str, Any]]:
+        if api is not None:
+            body = api.engine_body(raw, content_type)  # the engine's view: a chat or completion body
+        else:
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise RequestError(400, f"Request body is not valid JSON: {exc}") from None
         creq = parse_request(kind, body)
         # Like vLLM, a request without "model" goes to the (first) served model.
         model = creq.model or self.models[0]
@@ -577,6 +659,7 @@ class SimServer:
             prefill_only=prefill,
             kv_transferred=transferred,
             hold_kv=prefill,
+            token_ids=ids if self.kv_events is not None else None,
         )
 
     def _output_tokens(self, creq: CompletionRequest) -> int:
@@ -611,7 +694,7 @@ class SimServer:
         self,
         request: web.Request,
         seq: Sequence,
-        writer: ResponseWriter,
+        writer: ResponseWriter | ApiWriter,
         finish_reason: str,
         arrival: float,
         disagg: Disagg | None,
@@ -625,7 +708,8 @@ class SimServer:
         if disagg is not None and disagg.prefill and disagg.room is None:
             extra = {"kv_transfer_params": self._transfer_params(request, seq)}
         body = writer.body(seq.generated, finish_reason, _usage(seq, completion_tokens), extra)
-        return await self._answer(request, web.Response(body=body, headers=_JSON_HEADERS))
+        headers = _JSON_HEADERS if isinstance(writer, ResponseWriter) else {"Content-Type": writer.content_type}
+        return await self._answer(request, web.Response(body=body, headers=headers))
 
     async def _stream(
         self,
@@ -657,6 +741,32 @@ class SimServer:
         if creq.include_usage:
             await sink.send(chunks.usage_chunk(_usage(seq, seq.generated * seq.num_choices)))
         await sink.send(SSE_DONE)
+        await response.write_eof()
+        self._count_answer()
+        return response
+
+    async def _stream_api(
+        self,
+        request: web.Request,
+        seq: Sequence,
+        writer: ApiWriter,
+        finish_reason: str,
+        arrival: float,
+        disagg: Disagg | None,
+    ) -> web.StreamResponse:
+        """A streamed answer in an `Api`'s own events (Anthropic's, the Responses API's, audio chunks)."""
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        sink = _ChunkSink(await response.prepare(request))
+        async with self.engine.admit(seq):
+            while not seq.finished:
+                await self._generate(seq, arrival, disagg)
+                if seq.generated == 1:
+                    for event in writer.start_events(seq.prompt_tokens):
+                        await sink.send(event)
+                await sink.send(writer.token_event(seq.generated - 1))
+        self._finished(seq, finish_reason)
+        for event in writer.end_events(finish_reason, _usage(seq, seq.generated)):
+            await sink.send(event)
         await response.write_eof()
         self._count_answer()
         return response
@@ -732,8 +842,9 @@ def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-def _error_response(err: RequestError) -> web.Response:
-    return web.Response(status=err.status, body=err.body(), headers=_JSON_HEADERS)
+def _error_response(err: RequestError, api: Api | None = None) -> web.Response:
+    body = api.error_body(err) if api is not None else err.body()
+    return web.Response(status=err.status, body=body, headers=_JSON_HEADERS)
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

@@ -27,7 +27,17 @@ traffic: the reference's hot-spot issues #2680-#2689), then let a load guard pic
 
 Whatever was picked, the index learns that the chosen pod now holds the prompt's blocks: also
 with one ready pod, and also when the guard overrode the match (the pod will have computed them).
-The match goes to the client as `x-prefix-cache-match: <share>;tokens=<n>;sel=<selection>`.
+
+Two sources of matches, per pod. Pods whose engines publish KV-cache events (and whose subscriber is
+live, `routing/kv_index.py`) are matched exactly against the blocks their engine reports holding:
+the prompt is tokenized with the model's engine tokenizer and hashed per the engine's block size.
+The other pods are matched against the approximate index above (routing history). A mixed fleet
+works: each pod's match is in tokens, whatever its source, and the load guard, KV-pressure and
+waiting-queue terms apply alike. The approximate index keeps learning every pick (its recent blocks
+are the KV-pressure term, and a pod whose events stop falls back on it).
+
+The match goes to the client as `x-prefix-cache-match: <share>;tokens=<n>;src=<source>;sel=<selection>`,
+source `precise` (the chosen pod's engine events) or `approx`.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from routing.block_hash import DEFAULT_HASH_SEED, chain_hashes
+from routing.kv_index import KvBlockIndex, PreciseMatch
 from routing.load import LoadTracker
 from routing.pods import Pod, PodSnapshot
 from routing.prefix_index import PrefixIndex
@@ -68,6 +79,10 @@ SEL_LEAST_REQUEST = "least_request_fallback"  # no usable match (stddev guard): 
 SEL_LEAST_COST = "least_cost_fallback"  # no usable match (cost guard): cheapest pod
 SEL_WEIGHTED = "weighted"  # part of a weighted combination (`least-request:2,prefix-cache:1`)
 SEL_PD_PREFILL = "pd_prefill"  # `pd` chose this prefill pod (by match and prefill load)
+
+# Where the chosen pod's match came from (`src=` of the header).
+SRC_PRECISE = "precise"  # the engine's KV-cache events
+SRC_APPROX = "approx"  # the router's own routing history
 
 _BUCKETS = ((0, "0"), (25, "1-25"), (50, "26-50"), (75, "51-75"), (100, "76-100"))
 
@@ -113,6 +128,14 @@ class PrefixCacheSettings:
     # tokens (0.05 s of prefill) measured best between 200 and 1600: p90 280 ms at 30 req/s, and at
     # 40 req/s (overload) 1.09 s with the hit rate kept, where 1600 spilled cached requests (hit 45%).
     cost_waiting_tokens: float = 800.0  # AIBRIX_PREFIX_CACHE_COST_WAITING_TOKENS
+    # Precise matching (pods that publish KV-cache events). A routed prompt's blocks count as held by
+    # the pod for this long before its events confirm them (read from the approximate index's newest
+    # entries): the engine publishes a block once it has computed it, and without this a burst sharing
+    # a new prefix would spread over every pod (llm-d's speculative entries, 2 s). 0: only the events.
+    kv_events_speculative_s: float = 2.0  # EXTPROC_ROUTER_KV_EVENTS_SPECULATIVE_SECONDS
+    # Engine blocks indexed per pod (~200 bytes each); beyond it new blocks are not indexed (counted
+    # as overflow) until the engine removes some. 2**20 blocks of 16 tokens = 16M tokens of KV cache.
+    kv_events_max_blocks_per_pod: int = 1 << 20  # EXTPROC_ROUTER_KV_EVENTS_MAX_BLOCKS_PER_POD
 
     def validate(self) -> None:
         """ValueError naming the environment variable of the first bad value."""
@@ -146,6 +169,10 @@ class PrefixCacheSettings:
              self.kv_pressure_weight),
             (self.cost_waiting_tokens >= 0, "AIBRIX_PREFIX_CACHE_COST_WAITING_TOKENS", "0 or more",
              self.cost_waiting_tokens),
+            (self.kv_events_speculative_s >= 0, "EXTPROC_ROUTER_KV_EVENTS_SPECULATIVE_SECONDS", "0 or more",
+             self.kv_events_speculative_s),
+            (self.kv_events_max_blocks_per_pod >= 1, "EXTPROC_ROUTER_KV_EVENTS_MAX_BLOCKS_PER_POD", "at least 1",
+             self.kv_events_max_blocks_per_pod),
         ]
         for ok, var, wanted, value in checks:
             if not ok:
@@ -156,9 +183,20 @@ class PrefixCacheSettings:
 class _Prompt:
     """One request's hashed prompt, kept in the decision's scratch between `score` and `observe`."""
 
-    hashes: np.ndarray
-    tokens: float  # estimated model tokens of the whole prompt
-    matches: dict[str, int]  # pod key -> leading blocks held
+    hashes: np.ndarray  # the approximate index's chain
+    tokens: float  # model tokens of the whole prompt (exact when an engine tokenizer counted them)
+    # pod key -> (leading blocks held, blocks hashed, tokens per block), from the pod's source; pods
+    # holding nothing are left out
+    matches: dict[str, tuple[int, int, float]]
+    precise: PreciseMatch | None = None  # the precise candidates' match, when any candidate is precise
+
+    def share(self, key: str) -> float:
+        """Held share (0..1) of the prompt's hashed blocks on pod `key`."""
+        m = self.matches.get(key)
+        return m[0] / m[1] if m is not None and m[1] else 0.0
+
+    def source(self, key: str) -> str:
+        return SRC_PRECISE if self.precise is not None and key in self.precise.runs else SRC_APPROX
 
 
 class PrefixCacheStrategy:
@@ -188,12 +226,13 @@ class PrefixCacheStrategy:
         self.imbalance: dict[str, int] = {}  # model -> abs-imbalance rule fired
         self.ignored_matches: dict[str, int] = {}  # model -> best match below min_match_pct
         self.errors: dict[tuple[str, str], int] = {}  # (model, reason)
+        self.sources: dict[tuple[str, str], int] = {}  # (model, source of the chosen pod's match)
 
     # -- Picker ----------------------------------------------------------------------------------
     def pick(self, ctx: DecisionContext, pods: Sequence[Pod]) -> Choice:
         now = self._clock()
         request = ctx.request
-        prompt = self._hash(request, pods, now)
+        prompt = self._hash(request, pods, now, ctx.stats.kv_blocks)
         valid = self._usable(request.model, prompt)
         if self.settings.load_guard == GUARD_COST:
             pod, selection = self._by_cost(pods, valid, prompt.tokens, ctx.stats, ctx.rng, now)
@@ -205,38 +244,70 @@ class PrefixCacheStrategy:
     def score(self, ctx: DecisionContext, pods: Sequence[Pod]) -> list[float]:
         """Matched share of the prompt per pod (0 below `min_match_pct`); `observe` then records
         the combination's pick."""
-        prompt = self._hash(ctx.request, pods, self._clock())
+        prompt = self._hash(ctx.request, pods, self._clock(), ctx.stats.kv_blocks)
         ctx.scratch[self.name] = prompt
         valid = self._usable(ctx.request.model, prompt)
-        n = len(prompt.hashes)
-        return [valid.get(p.key, 0) / n if n else 0.0 for p in pods]
+        return [prompt.share(p.key) if p.key in valid else 0.0 for p in pods]
 
     def observe(self, ctx: DecisionContext, pod: Pod, selection: str = SEL_WEIGHTED) -> Choice:
         """`ctx.request` was routed to `pod` by something else (a weighted combination, `pd`'s
         prefill pick): the index learns it; the choice carries the uncached-token estimate and header."""
         now = self._clock()
-        prompt = ctx.scratch.pop(self.name, None) or self._hash(ctx.request, (pod,), now)
+        prompt = ctx.scratch.pop(self.name, None) or self._hash(ctx.request, (pod,), now, ctx.stats.kv_blocks)
         return self._record(ctx.request, prompt, pod, selection, now)
 
     def match_shares(self, ctx: DecisionContext, pods: Sequence[Pod]) -> Mapping[str, float]:
         """Matched share (0..1) of the prompt per pod holding a usable prefix; the hashes stay in the
         decision's scratch for `observe`."""
-        prompt = self._hash(ctx.request, pods, self._clock())
+        prompt = self._hash(ctx.request, pods, self._clock(), ctx.stats.kv_blocks)
         ctx.scratch[self.name] = prompt
-        n = len(prompt.hashes)
-        return {k: m / n for k, m in self._usable(ctx.request.model, prompt, count=False).items()}
+        return {k: prompt.share(k) for k in self._usable(ctx.request.model, prompt, count=False)}
 
     # -- steps -----------------------------------------------------------------------------------
-    def _hash(self, request: RoutingRequest, pods: Sequence[Pod], now: float) -> _Prompt:
+    def _hash(self, request: RoutingRequest, pods: Sequence[Pod], now: float,
+              kv: KvBlockIndex | None = None) -> _Prompt:
+        keys = self._keys(pods)
         try:
             data, tokens = self.tokenizer.encode(request.prompt, self._max_units)
         except (ValueError, UnicodeError):  # a tokenizer must never fail a request: route unmatched
             _count(self.errors, (request.model, "tokenize_failed"))
-            return _Prompt(np.empty(0, dtype=np.uint64), len(request.prompt) / BYTES_PER_TOKEN, {})
-        hashes = chain_hashes(data, self._block_bytes, request.model, self.settings.hash_seed,
-                              self.settings.max_prefix_blocks)
-        matches = self.index.match(hashes, self._keys(pods), now) if len(hashes) else {}
-        return _Prompt(hashes, tokens, matches)
+            hashes, tokens, matches = np.empty(0, dtype=np.uint64), len(request.prompt) / BYTES_PER_TOKEN, {}
+        else:
+            hashes = chain_hashes(data, self._block_bytes, request.model, self.settings.hash_seed,
+                                  self.settings.max_prefix_blocks)
+            n, per_block = len(hashes), self._block_tokens
+            matches = {k: (m, n, per_block) for k, m in self.index.match(hashes, keys, now).items()} if n else {}
+        precise = None
+        if kv is not None and kv.precise_count:  # 0 while no pod publishes events: no cost at all
+            try:
+                precise = kv.match(request.model, request.body, keys)
+            except (ValueError, UnicodeError):
+                _count(self.errors, (request.model, "engine_tokenize_failed"))
+            if precise is not None:
+                self._merge_precise(matches, precise, hashes, kv, now)
+                tokens = precise.tokens
+        return _Prompt(hashes, tokens, matches, precise)
+
+    def _merge_precise(self, matches: dict[str, tuple[int, int, float]], precise: PreciseMatch, hashes: np.ndarray,
+                       kv: KvBlockIndex, now: float) -> None:
+        """A precise pod's match is what its engine reports holding, or, when longer, what it was routed
+        within `kv_events_speculative_s` (the approximate index's newest entries: the engine publishes
+        a block only once it has computed it) unless its cache was emptied since. Its older routing
+        history never counts."""
+        window = self.settings.kv_events_speculative_s
+        recent: dict[str, int] = {}
+        if window > 0 and len(hashes):
+            # match() keeps entries newer than its `now` minus the TTL: ask for the last `window` seconds.
+            recent = self.index.match(hashes, precise.pods, now - window + self.index.ttl_seconds)
+        per_block = self._block_tokens
+        for key in precise.pods:
+            matches.pop(key, None)
+            held, hashed, size = precise.runs[key]
+            routed = recent.get(key, 0)
+            if routed * per_block > held * size and not kv.cleared_since(key, now - window):
+                matches[key] = (routed, len(hashes), per_block)
+            elif held:
+                matches[key] = (held, hashed, float(size))
 
     def _keys(self, pods: Sequence[Pod]) -> tuple[str, ...]:
         # A model's ready tuple is the same object until the snapshot changes.
@@ -245,12 +316,14 @@ class PrefixCacheStrategy:
             self._pod_keys = tuple(p.key for p in pods)
         return self._pod_keys
 
-    def _usable(self, model: str, prompt: _Prompt, *, count: bool = True) -> dict[str, int]:
-        """Matches of at least `min_match_pct` of the hashed blocks (and at least one block)."""
+    def _usable(self, model: str, prompt: _Prompt, *, count: bool = True) -> dict[str, float]:
+        """Matched tokens per pod whose match is at least `min_match_pct` of the blocks hashed for it
+        (and at least one block)."""
         if not prompt.matches:
             return {}
-        floor = max(1, math.ceil(len(prompt.hashes) * self.settings.min_match_pct / 100.0))
-        valid = {k: m for k, m in prompt.matches.items() if m >= floor}
+        pct = self.settings.min_match_pct / 100.0
+        valid = {k: m * per_block for k, (m, n, per_block) in prompt.matches.items()
+                 if m >= max(1, math.ceil(n * pct))}
         if not valid and count:
             _count(self.ignored_matches, model)
         return valid
@@ -269,10 +342,9 @@ class PrefixCacheStrategy:
                 out[key] = min(1.0, live.get(key, 0) * self._block_tokens / cap)
         return out
 
-    def _by_cost(self, pods: Sequence[Pod], valid: dict[str, int], tokens: float, stats: PodStats,
+    def _by_cost(self, pods: Sequence[Pod], valid: dict[str, float], tokens: float, stats: PodStats,
                  rng: random.Random, now: float) -> tuple[Pod, str]:
         per_request = self.settings.cost_request_tokens
-        block_tokens = self._block_tokens
         keys = self._keys(pods)
         pressure = self.kv_pressure(keys, stats, now)
         weight = self.settings.kv_pressure_weight
@@ -280,10 +352,10 @@ class PrefixCacheStrategy:
         engine = stats.engine
         per_waiting = self.settings.cost_waiting_tokens
         best: list[Pod] = []
-        best_key: tuple[float, int] | None = None
+        best_key: tuple[float, float] | None = None
         for pod, key in zip(pods, keys, strict=True):
-            m = valid.get(key, 0)
-            uncached = max(0.0, tokens - m * block_tokens)
+            m = valid.get(key, 0.0)  # matched tokens
+            uncached = max(0.0, tokens - m)
             # Computing the uncached tokens, plus (on a full cache) evicting as many tokens that
             # other requests still use: new conversations go where there is room, a pod does not
             # take on more live prefixes than it can hold and thrash them all.
@@ -307,7 +379,7 @@ class PrefixCacheStrategy:
             return pod, SEL_MATCH
         return pod, SEL_SKIPPED if valid else SEL_LEAST_COST
 
-    def _by_stddev(self, model: str, pods: Sequence[Pod], valid: dict[str, int], load: LoadTracker,
+    def _by_stddev(self, model: str, pods: Sequence[Pod], valid: dict[str, float], load: LoadTracker,
                    rng: random.Random) -> tuple[Pod, str]:
         counts = [load.inflight(p.key) for p in pods]
         candidates: Sequence[Pod] = pods
@@ -337,18 +409,20 @@ class PrefixCacheStrategy:
         return (tied[rng.randrange(len(tied))] if len(tied) > 1 else tied[0]), selection
 
     def _record(self, request: RoutingRequest, prompt: _Prompt, pod: Pod, selection: str, now: float) -> Choice:
-        n = len(prompt.hashes)
-        if n:
+        if len(prompt.hashes):
             self.index.add(prompt.hashes, pod.key, now)
-        held = prompt.matches.get(pod.key, 0)
-        matched_tokens = held * self._block_tokens
+        held, n, per_block = prompt.matches.get(pod.key, (0, 0, 0.0))
+        matched_tokens = held * per_block
         share = held / n if n else 0.0
         pct = held * 100 // n if n else 0
+        source = prompt.source(pod.key)
         bucket = next(label for top, label in _BUCKETS if pct <= top)
         _count(self.decisions, (request.model, bucket))
         _count(self.selections, (request.model, selection))
+        _count(self.sources, (request.model, source))
         return Choice(pod, prefill_tokens=max(0, round(prompt.tokens - matched_tokens)),
-                      annotations={MATCH_HEADER: f"{share:.2f};tokens={round(matched_tokens)};sel={selection}"})
+                      annotations={MATCH_HEADER: f"{share:.2f};tokens={round(matched_tokens)};src={source};"
+                                                 f"sel={selection}"})
 
     # -- Reporter --------------------------------------------------------------------------------
     def report(self, snapshot: PodSnapshot, stats: PodStats) -> Iterator[MetricFamily]:
@@ -368,6 +442,10 @@ class PrefixCacheStrategy:
                               "AIBRIX_PREFIX_CACHE_MIN_MATCH_PCT and so ignored.", ("model",), self.ignored_matches)
         yield _counter_family("extproc_prefix_cache_routing_errors", "Prompts that could not be tokenized (routed "
                               "as unmatched).", ("model", "reason"), self.errors)
+        yield _counter_family("extproc_prefix_cache_routing_source", "prefix-cache decisions by the source of the "
+                              "chosen pod's match: precise (its engine's KV-cache events) or approx (routing "
+                              "history).", ("model", "source"), self.sources)
+        yield from _precise_families(snapshot, stats.kv_blocks)
         index = self.index
         entries = MetricFamily("extproc_prefix_cache_index_entries", "gauge", "(block, pod) entries in the prefix "
                                "index.")
@@ -394,10 +472,42 @@ class PrefixCacheStrategy:
         yield pressure
 
 
+def new_kv_index(settings: PrefixCacheSettings) -> KvBlockIndex:
+    """The precise index `settings` describe (the router's PodStats owns it; the subscribers feed it)."""
+    return KvBlockIndex(seed=settings.hash_seed, max_blocks_per_pod=settings.kv_events_max_blocks_per_pod,
+                        max_prefix_blocks=settings.max_prefix_blocks)
+
+
 def new_prefix_index(settings: PrefixCacheSettings) -> PrefixIndex:
     """The index `settings` describe (the router owns it; prefix-cache and pd share it)."""
     return PrefixIndex(settings.block_number, settings.eviction_duration_mins * 60.0,
                        live_horizon=settings.kv_window_s)
+
+
+def _precise_families(snapshot: PodSnapshot, kv: KvBlockIndex) -> Iterator[MetricFamily]:
+    """The precise index per pod: blocks held, and what was done with the pod's block events."""
+    blocks = MetricFamily("extproc_prefix_cache_precise_blocks", "gauge", "KV-cache blocks the pod's engine "
+                          "reports holding (router blocks in the precise index).", ("model", "pod"))
+    precise = MetricFamily("extproc_prefix_cache_precise_pod", "gauge", "1 when prefix-cache matches the pod by its "
+                           "KV-cache events, 0 while it falls back on the approximate index.", ("model", "pod"))
+    events = MetricFamily("extproc_prefix_cache_precise_block_events", "counter", "Block events applied to the "
+                          "precise index, by outcome: stored, removed, cleared (whole pod), orphaned (parent "
+                          "unknown), unknown_removed, overflow, skipped (other KV-cache groups).",
+                          ("model", "pod", "outcome"))
+    held = kv.pod_blocks()
+    for entry in snapshot.models.values():
+        for pod in entry.pods:
+            counts = kv.counts(pod.key)
+            if counts is None:
+                continue
+            labels = (entry.name, pod.name)
+            blocks.add(labels, held.get(pod.key, 0))
+            precise.add(labels, 1.0 if kv.is_precise(pod.key) else 0.0)
+            for outcome in ("stored", "removed", "cleared", "orphaned", "unknown_removed", "overflow", "skipped"):
+                events.add((*labels, outcome), getattr(counts, outcome))
+    yield blocks
+    yield precise
+    yield events
 
 
 def _counter_family(name: str, help_text: str, labels: tuple[str, ...], counts: dict) -> MetricFamily:

@@ -83,8 +83,9 @@ def test_bootstrap_fails_open_for_data_and_closed_for_routing() -> None:
     assert pods["original_dst_lb_config"] == {"use_http_header": True, "http_header_name": TARGET_POD_HEADER}
     listener = boot["static_resources"]["listeners"][0]
     assert "listener_filters" not in listener and "use_original_dst" not in listener
-    # That 503 says what happened, in the OpenAI shape.
-    first = hcm["local_reply_config"]["mappers"][0]
+    # That 503 says what happened, in the OpenAI shape (the first mapper outside the Anthropic-shaped
+    # copies that /v1/messages gets).
+    first = next(m for m in hcm["local_reply_config"]["mappers"] if '":path"' not in orjson.dumps(m["filter"]).decode())
     assert first["status_code"] == 503
     assert orjson.loads(first["body_format_override"]["text_format_source"]["inline_string"]) == ROUTING_UNAVAILABLE
     # Fail-closed stays available to whoever renders it.

@@ -45,6 +45,8 @@ RUNTIME_REQUIREMENTS = {
     "kubernetes-asyncio",
     "bpe-openai",
     "protobuf",
+    "pyzmq",
+    "msgspec",
 }
 """Distributions a bare install pulls in (pyproject.toml ``dependencies``)."""
 

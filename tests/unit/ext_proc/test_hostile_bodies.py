@@ -67,9 +67,9 @@ def nested(depth: int, leaf: str = "x") -> str:
 
 @pytest.mark.parametrize(("raw", "status"), [
     # Nesting orjson reads (1024) but does not write back (255): accepted, hashed through the fallback.
-    ('{"model":"m","messages":[{"role":"user","content":[%s]}]}' % nested(300), 200),
-    ('{"model":"m","messages":[{"role":"user","content":{"a":%s}}]}' % nested(300), 200),
-    ('{"model":"m","messages":[{"role":"user","content":[%s]}]}' % nested(1100), 400),
+    (f'{{"model":"m","messages":[{{"role":"user","content":[{nested(300)}]}}]}}', 200),
+    (f'{{"model":"m","messages":[{{"role":"user","content":{{"a":{nested(300)}}}}}]}}', 200),
+    (f'{{"model":"m","messages":[{{"role":"user","content":[{nested(1100)}]}}]}}', 400),
     # Lone surrogates, anywhere: no engine accepts them, so neither does the router.
     ('{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a\\ud800"}]}]}', 400),
     ('{"model":"\\ud800","messages":[{"role":"user","content":"hi"}]}', 400),
@@ -77,8 +77,8 @@ def nested(depth: int, leaf: str = "x") -> str:
     # Behind an integer beyond 64 bits (the one case the strict second parser looks at) too.
     ('{"n":123456789012345678901234567890,"model":"m","messages":[{"role":"\\ud800","content":"x"}]}', 400),
     ('{"n":123456789012345678901234567890,"model":"m","messages":[{"role":"u","content":"x"}],"t":NaN}', 400),
-    ('{"n":123456789012345678901234567890,"model":"m","messages":[{"role":"u","content":[%s]}]}'
-     % nested(300, "y"), 200),
+    ('{{"n":123456789012345678901234567890,"model":"m","messages":[{{"role":"u","content":[{}]}}]}}'
+     .format(nested(300, "y")), 200),
     ('{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":NaN}', 400),
     ('{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":Infinity}', 400),
     ('{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":-Infinity}', 400),
@@ -130,7 +130,7 @@ def _encode(value: object) -> str:
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(field=st.sampled_from(_FIELDS + ["content", "role", "part"]), value=st.one_of(_values, _deep),
+@given(field=st.sampled_from([*_FIELDS, "content", "role", "part"]), value=st.one_of(_values, _deep),
        special=st.one_of(st.none(), _special), path=st.sampled_from([CHAT_PATH, COMPLETIONS_PATH]),
        strategy=st.sampled_from(STRATEGIES))
 def test_any_value_in_any_field_is_routed_or_a_4xx(field: str, value: object, special: str | None, path: str,
@@ -138,12 +138,12 @@ def test_any_value_in_any_field_is_routed_or_a_4xx(field: str, value: object, sp
     text = special if special is not None else _encode(value)
     message = '{"role":"user","content":"hi"}'
     if field == "content":
-        message = '{"role":"user","content":%s}' % text
+        message = f'{{"role":"user","content":{text}}}'
     elif field == "role":
-        message = '{"role":%s,"content":"hi"}' % text
+        message = f'{{"role":{text},"content":"hi"}}'
     elif field == "part":
-        message = '{"role":"user","content":[{"type":"text","text":"a"},%s]}' % text
-    fields = {"model": '"m"', "messages": "[%s]" % message, "prompt": '"p"'}
+        message = f'{{"role":"user","content":[{{"type":"text","text":"a"}},{text}]}}'
+    fields = {"model": '"m"', "messages": f"[{message}]", "prompt": '"p"'}
     if field in _FIELDS:
         fields[field] = text
     raw = "{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}"

@@ -102,7 +102,7 @@ def test_buffered_mode_routes_in_body_answer_and_strips_spoofed_header() -> None
     ("/v1/chat/completions", "POST", b'{"messages": []}', 400, "x-error-request-body-processing"),
     ("/v1/chat/completions", "POST", orjson.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
      404, "x-error-no-model-backends"),
-    ("/v1/embeddings", "POST", CHAT, 404, "x-error-request-path"),
+    ("/v1/moderations", "POST", CHAT, 404, "x-error-request-path"),
     ("/v1/chat/completions", "PUT", CHAT, 405, "x-error-request-method"),
 ])
 def test_errors_are_openai_shaped_immediate_responses(path: str, method: str, body: bytes, status: int,
