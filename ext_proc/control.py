@@ -36,6 +36,7 @@ class ServiceSettings:
     api_keys: frozenset[str] = frozenset()  # empty: no API key required
     users: dict[str, UserLimits] = field(default_factory=dict)  # per-user RPM/TPM from the config file
     default_user_limits: UserLimits | None = None  # for a `user` not configured anywhere
+    gie: bool = False  # also speak the Inference Extension's endpoint-picker protocol (RouterConfig.protocol)
 
 
 @dataclass(frozen=True, slots=True)

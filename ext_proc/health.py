@@ -11,7 +11,11 @@ if TYPE_CHECKING:
 
 
 HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
-SERVICE_NAMES = frozenset({"", "gateway-plugin", "extproc-router", "envoy.service.ext_proc.v3.ExternalProcessor"})
+# The Inference Extension's endpoint-picker protocol names `liveness` (the process answers) and
+# `readiness` (ready to pick) besides the ext_proc service itself.
+LIVENESS = "liveness"
+SERVICE_NAMES = frozenset({"", "gateway-plugin", "extproc-router", "envoy.service.ext_proc.v3.ExternalProcessor",
+                           "readiness", LIVENESS})
 _SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 _NOT_SERVING = b"\x08\x02"
 _GRPC_NOT_FOUND = 5
@@ -52,7 +56,8 @@ class HealthHandler:
         if self._service not in SERVICE_NAMES:
             self._stream.finish(_GRPC_NOT_FOUND, f"unknown service {self._service!r}")
             return
-        self._stream.send_message(_SERVING if self._is_serving() else _NOT_SERVING)
+        serving = self._service == LIVENESS or self._is_serving()
+        self._stream.send_message(_SERVING if serving else _NOT_SERVING)
         self._stream.finish()
 
     def on_close(self, reset: bool) -> None:

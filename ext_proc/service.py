@@ -56,7 +56,10 @@ _FromString = ep.ProcessingRequest.FromString
 # Headers the router reads; everything else in the request is left alone.
 _WANTED = frozenset({":path", ":method", "routing-strategy", "config-profile", "user", "x-request-id",
                      "target-pod", "authorization", "x-api-key", "content-type", "x-session-id",
-                     "x-aibrix-session-key", "traceparent"})
+                     "x-aibrix-session-key", "traceparent", msgs.GIE_DESTINATION_HEADER})
+# Destinations only the router sets: a client's copy is removed (Envoy strips `target-pod` before any
+# filter too; the Inference Extension's header is the gateway's business, so the router removes it).
+_DESTINATION_HEADERS = (msgs.TARGET_POD_HEADER, msgs.GIE_DESTINATION_HEADER)
 
 # Response body is only subscribed to for requests whose tokens count against a TPM limit; every
 # field must be set because a mode override replaces the whole mode.
@@ -100,6 +103,7 @@ class ExtProcStream:
         "_pipelined",
         "_stream",
         "_style",
+        "_subset",
         "_svc",
         "_usage",
         "closed",
@@ -122,6 +126,7 @@ class ExtProcStream:
         self._chunks = 0
         self._nbytes = 0
         self._pipelined = True
+        self._subset: frozenset[str] | None = None  # GIE: the endpoints the data plane allows
         self._usage: UsageScanner | None = None
         self._style = OPENAI  # the error shape of the request's path
         self.headers: dict[str, str] = {}
@@ -183,6 +188,8 @@ class ExtProcStream:
         self.user = hdrs.get("user", "").strip()
         pc = req.protocol_config
         self._pipelined = pc.request_body_mode == _STREAMED and pc.send_body_without_waiting_for_header_response
+        if self._ctl.settings.gie:
+            self._subset = msgs.subset_hint(req)
         ctl = self._ctl
         if not ctl.api_key_ok(hdrs.get("authorization"), hdrs.get("x-api-key")):
             ctl.metrics.auth_failures.inc()
@@ -220,9 +227,12 @@ class ExtProcStream:
             self._usage = UsageScanner()
             msg = ep.ProcessingResponse(request_headers=ep.HeadersResponse(
                 response=ep.CommonResponse(header_mutation=ep.HeaderMutation(
-                    remove_headers=[msgs.TARGET_POD_HEADER] if "target-pod" in self.headers else []))),
+                    remove_headers=[h for h in _DESTINATION_HEADERS if h in self.headers]))),
                 mode_override=_USAGE_MODE)
             self._stream.send_message(msg.SerializeToString())
+            return
+        if msgs.GIE_DESTINATION_HEADER in self.headers:
+            self._stream.send_message(msgs.strip_headers_response(h for h in _DESTINATION_HEADERS if h in self.headers))
             return
         self._stream.send_message(msgs.STRIP_TARGET_POD_RESPONSE if "target-pod" in self.headers
                                   else msgs.EMPTY_HEADERS_RESPONSE)
@@ -292,7 +302,7 @@ class ExtProcStream:
             return
         try:
             decision = ctl.router.decide(request, self.headers.get("routing-strategy") or None, choice,
-                                         self.headers)
+                                         self.headers, allowed=self._subset)
         except RoutingError as err:
             self._fail(err, model=request.model)
             return
@@ -310,7 +320,7 @@ class ExtProcStream:
         ctl.count_routed(decision, self._nbytes)
         send = self._stream.send_message
         send(msgs.routed_response("request_headers" if self._pipelined else "request_body",
-                                  {msgs.TARGET_POD_HEADER: decision.pod.address}, self._echo()))
+                                  *self._destination(decision)))
         if self._pipelined:
             body_ack = msgs.EMPTY_BODY_RESPONSE
             for _ in range(self._chunks):
@@ -337,8 +347,9 @@ class ExtProcStream:
             return
         ctl.count_routed(decision, self._nbytes)
         send = self._stream.send_message
-        send(msgs.routed_with_body("request_headers" if self._pipelined else "request_body",
-                                   {msgs.TARGET_POD_HEADER: decision.pod.address}, self._echo(), raw))
+        headers, echo, lb_endpoint = self._destination(decision)
+        send(msgs.routed_with_body("request_headers" if self._pipelined else "request_body", headers, echo, raw,
+                                   lb_endpoint))
         if self._pipelined:
             for i in range(self._chunks):
                 send(msgs.body_chunk_replacement(raw if i == 0 else None))
@@ -356,6 +367,13 @@ class ExtProcStream:
             if not self.closed:
                 self._fail(RoutingError(500, "internal error in the gateway; the request was not routed",
                                         code="internal_error", cause="internal"))
+
+    def _destination(self, decision: Decision) -> tuple[dict[str, str], dict[str, str], str | None]:
+        """Request headers to set, echo metadata, and the `envoy.lb` endpoint (GIE) of a routed answer."""
+        address = decision.pod.address
+        if self._ctl.settings.gie:
+            return {msgs.TARGET_POD_HEADER: address, msgs.GIE_DESTINATION_HEADER: address}, self._echo(), address
+        return {msgs.TARGET_POD_HEADER: address}, self._echo(), None
 
     def _echo(self) -> dict[str, str]:
         d = self.decision

@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "pods_file": args.config, "grpc_listen": args.grpc_listen, "http_listen": args.http_listen,
             "routing_algorithm": args.routing_algorithm, "max_body_bytes": args.max_body_bytes,
             "health_interval": args.health_interval, "shutdown_grace": args.shutdown_grace,
-            "log_level": args.log_level})
+            "log_level": args.log_level, "protocol": args.protocol})
     except (ConfigError, DiscoveryError) as exc:
         log.error("%s", exc)
         return 2
@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, readiness goes false this long before new streams are refused, so "
                         "Envoy and Kubernetes can move traffic first (default %(default)g)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity")
+    p.add_argument("--protocol", choices=["aibrix", "gie"],
+                   help="how the picked pod reaches Envoy: aibrix (the target-pod header), or gie (also the "
+                        "Gateway API Inference Extension endpoint-picker protocol: x-gateway-destination-endpoint "
+                        "header and envoy.lb metadata, subset hints honoured)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("up", help="run the local stack: Envoy + router + simulated pods",

@@ -28,6 +28,9 @@ _SYNC = StateSyncSettings(redis_host="")  # read for its defaults
 _KV = KvEventSettings()  # read for its defaults
 
 
+PROTOCOLS = ("aibrix", "gie")
+
+
 @dataclass
 class RouterConfig:
     pods_file: str | None = None
@@ -41,6 +44,10 @@ class RouterConfig:
     reload_interval: float = 1.0
     shutdown_grace: float = 10.0
     log_level: str = "info"
+    # How the picked pod is handed to Envoy: `aibrix` (the `target-pod` header the rendered bootstrap
+    # routes on) or `gie` (also the Gateway API Inference Extension's endpoint-picker protocol:
+    # `x-gateway-destination-endpoint` header and `envoy.lb` metadata, and its subset hint honoured).
+    protocol: str = "aibrix"
     # Redis: rate-limit budgets shared by replicas, and state sync below. Unset: in-process only.
     redis_host: str | None = None
     redis_port: int = _SYNC.redis_port
@@ -93,6 +100,7 @@ ENV_VARS: dict[str, str] = {
     "EXTPROC_ROUTER_HTTP_LISTEN": "http_listen",
     "EXTPROC_ROUTER_HEALTH_INTERVAL": "health_interval",
     "EXTPROC_ROUTER_LOG_LEVEL": "log_level",
+    "EXTPROC_ROUTER_PROTOCOL": "protocol",
     "REDIS_HOST": "redis_host",
     "REDIS_PORT": "redis_port",
     "REDIS_PASSWORD": "redis_password",
@@ -258,6 +266,9 @@ def build_config(file_section: Mapping[str, Any] | None = None, env: Mapping[str
             set_value(key, value, f"--{key.replace('_', '-')}")
     split_hostport(cfg.grpc_listen, "grpc_listen")
     split_hostport(cfg.http_listen, "http_listen")
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"{origin.get('protocol', 'protocol')}: protocol must be one of {', '.join(PROTOCOLS)}, "
+                          f"got {cfg.protocol!r}")
     _check_prefix_cache(cfg, origin)
     try:
         parse_tokenizer_map(cfg.kv_events_tokenizers)

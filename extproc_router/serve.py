@@ -112,7 +112,7 @@ class RouterProcess:
         users, default_limits = parse_users(pod_file.users)
         settings = ServiceSettings(max_body_bytes=cfg.max_body_bytes,
                                    api_keys=parse_api_keys(pod_file.auth, os.environ),
-                                   users=users, default_user_limits=default_limits)
+                                   users=users, default_user_limits=default_limits, gie=cfg.protocol == "gie")
         self.redis = None
         limiter = None
         if cfg.redis_host:

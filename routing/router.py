@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from routing.errors import RoutingError
@@ -134,10 +134,14 @@ class Router:
         return entry
 
     def decide(self, request: RoutingRequest, strategy_header: str | None = None,
-               profile: ProfileChoice | None = None, headers: Mapping[str, str] | None = None) -> Decision:
+               profile: ProfileChoice | None = None, headers: Mapping[str, str] | None = None, *,
+               allowed: Collection[str] | None = None) -> Decision:
         """Pick a pod for `request` and count it in flight. `headers`: the request's routing headers
-        (session affinity). Raises RoutingError (404/400/503)."""
+        (session affinity); `allowed`: addresses the data plane lets this request go to (the
+        Inference Extension's subset hint), None for any. Raises RoutingError (404/400/503)."""
         entry = self.model_entry(request.model)
+        if allowed is not None:
+            entry = _restricted(entry, allowed)
         name, _ = self.resolve_strategy(strategy_header, profile)
         profile_name = profile.name if profile else None
         if name not in self.strategies:
@@ -194,6 +198,16 @@ class Router:
         if not decision.released:
             decision.released = True
             self.load.release(decision.pod.key, decision.prefill_tokens)
+
+
+def _restricted(entry: ModelEntry, allowed: Collection[str]) -> ModelEntry:
+    """`entry` with only the ready pods whose address is in `allowed`; 503 when none is left."""
+    ready = tuple(p for p in entry.ready if p.address in allowed)
+    if not ready:
+        raise RoutingError(503, f"none of the {len(allowed)} endpoints the gateway allows for this request is a "
+                           f"ready pod of model `{entry.name}`", code="service_unavailable",
+                           cause="no-eligible-endpoint")
+    return replace(entry, ready=ready)
 
 
 def _ready(entry: ModelEntry, request: RoutingRequest) -> tuple[Pod, ...]:
