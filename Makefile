@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench bench-quality bench-statesync clean redis-bin deploy-configs proto
+.PHONY: run test lint bench bench-quality bench-statesync bench-chaos clean redis-bin deploy-configs proto
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -46,6 +46,11 @@ bench-quality: $(STAMP)
 ## bench-statesync: 3 router replicas with and without Redis state sync vs one replica (~3 min)
 bench-statesync: $(STAMP) redis-bin
 	$(PY) bench/statesync.py
+
+## bench-chaos: one fault at a time under streaming load: routers, Redis, pods, Envoy (~6 min; CHAOS_ARGS=--quick ~3 min,
+## CHAOS_ARGS="--soak 20" the 20-minute soak instead). Writes bench/results/chaos.json (soak.json, soak.png)
+bench-chaos: $(STAMP) redis-bin
+	$(PY) bench/chaos.py $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .run bench/results .pytest_cache

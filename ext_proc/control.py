@@ -89,10 +89,14 @@ def rate_limited(verdict: Verdict) -> RoutingError:
 
 
 def models_list(router: Router) -> dict:
-    """The OpenAI `GET /v1/models` answer, from the models the gateway knows."""
+    """The OpenAI `GET /v1/models` answer, from the models the gateway knows: the base models, then
+    the LoRA adapters a ready pod serves, each with its base model as `parent` (as vLLM lists them)."""
+    snapshot = router.snapshot
     return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": 0, "owned_by": "extproc-router"}
-        for name in router.snapshot.model_names()]}
+        *({"id": name, "object": "model", "created": 0, "owned_by": "extproc-router"}
+          for name in snapshot.model_names()),
+        *({"id": name, "object": "model", "created": 0, "owned_by": "extproc-router",
+           "parent": snapshot.adapters[name].parent} for name in snapshot.adapter_names())]}
 
 
 def _estimate_tokens(text: str) -> int:

@@ -9,9 +9,13 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from extproc_router import __version__
 from extproc_router.argtypes import positive_int
+
+if TYPE_CHECKING:
+    from extproc_router.stack import LocalStack, StackOptions
 
 CURL_LINES = """\
   # no routing-strategy header: random
@@ -23,7 +27,7 @@ CURL_LINES = """\
     -d '{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "Summarize: ..."}}]}}'
 
   # config profile: demo-model's "low-latency" profile routes with least-request
-  curl -s -i {url}/v1/chat/completions -H "config-profile: low-latency" -H "Content-Type: application/json" \
+  curl -s -i {url}/v1/chat/completions -H "config-profile: low-latency" -H "Content-Type: application/json" \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "temperature": 0.7}}'
 
   # completions API, models list, router metrics
@@ -39,6 +43,41 @@ PD_CURL = """\
   curl -s -i {url}/v1/chat/completions -H "routing-strategy: pd" -H "Content-Type: application/json" \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Explain quantum entanglement."}}]}}'
 """
+
+
+# What `up` prints for its model-timed pods, and the README's first screen: one minute of random
+# against prefix-cache on the same seeded requests, each arm on cold caches (the pods' KV caches and
+# the router's prefix index are reset before it). The loadtest prints the table and writes
+# report.json, summary.md and the plots to .run/loadtest/.
+COMPARE_LINES = """\
+  # routing quality in one minute: random vs prefix-cache on the same requests (table; plots in .run/loadtest/)
+  {prog} loadtest --target {url} --compare random,prefix-cache \\
+    --workload shared-prefix --rate {rate:g} --duration {duration:g} --grace 10 \\
+    {pod_resets} \\
+    {router_resets}
+"""
+COMPARE_RATE = 8.0  # Poisson requests per second: 150 requests, ~19 s of sending per arm
+COMPARE_DURATION_S = 25.0  # sending time per arm, at most
+
+
+def compare_command(stack: LocalStack, prog: str = "extproc-router") -> str:
+    """The one-minute routing comparison against `stack` (COMPARE_LINES, filled in)."""
+    pods = [f"http://127.0.0.1:{pod.port}" for pod in stack.pods if pod.model == stack.opts.model]
+    routers = [f"{r.http_url}/flush_cache" for r in stack.routers]
+    return COMPARE_LINES.format(prog=prog, url=stack.url, rate=COMPARE_RATE, duration=COMPARE_DURATION_S,
+                                pod_resets=" ".join(f"--reset-url {u}" for u in pods),
+                                router_resets=" ".join(f"--reset-url {u}" for u in routers))
+
+
+def _prog_name() -> str:
+    """How the user reaches this CLI: `extproc-router` when it is on PATH, else the venv's script."""
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("extproc-router"):
+        return "extproc-router"
+    script = Path(sys.executable).parent / "extproc-router"
+    return os.path.relpath(script) if script.exists() else "extproc-router"
 
 
 def setup_logging(level: str) -> None:
@@ -116,19 +155,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(cfg, make_discovery, drain_delay=args.drain_delay))
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from extproc_router.stack import LocalStack, StackOptions
+def up_options(args: argparse.Namespace) -> StackOptions:
+    """The local stack `up` starts for its parsed flags."""
+    from extproc_router.stack import StackOptions
 
-    setup_logging("info")
-    log = logging.getLogger("extproc_router.up")
     host, _, port = args.listen.rpartition(":")
     opts = StackOptions(listen_host=host or "127.0.0.1", listen_port=int(port), admin_port=args.admin_port,
                         grpc_port=args.grpc_port, http_port=args.http_port, pods=args.pods,
                         first_pod_port=args.first_pod_port, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms,
                         run_dir=args.run_dir, values_file=args.values, pd=args.pd, replicas=args.replicas,
-                        redis=args.redis, redis_port=args.redis_port, supervise=True)
+                        redis=args.redis, redis_port=args.redis_port, supervise=True, timing=args.timing,
+                        kv_events=args.kv_events)
     if args.routing_algorithm:
         opts.router_env["ROUTING_ALGORITHM"] = args.routing_algorithm
+    return opts
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from extproc_router.stack import LocalStack
+
+    setup_logging("info")
+    log = logging.getLogger("extproc_router.up")
+    if args.kv_events and args.timing != "model":
+        log.error("up: --kv-events needs --timing model (KV events follow the simulated KV cache)")
+        return 2
+    opts = up_options(args)
     stack = LocalStack(opts)
     stopping = False
 
@@ -138,8 +189,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    log.info("starting %d simulated pods of %s, %s%s and Envoy (logs in %s/)", args.pods, opts.model,
-             "the router" if args.replicas == 1 else f"{args.replicas} router replicas",
+    timing = (f"model timing: KV cache {opts.model_timing.kv_capacity_tokens} tokens"
+              + (", publishing KV events" if opts.kv_events else "") if opts.timing == "model"
+              else f"fixed timing: TTFT {opts.ttft_ms:g} ms, ITL {opts.itl_ms:g} ms")
+    log.info("starting %d simulated pods of %s (%s), %s%s and Envoy (logs in %s/)", args.pods, opts.model, timing,
+             ("the router" if args.replicas == 1 else f"{args.replicas} router replicas")
+             + (" (precise prefix-cache: subscribed to the pods' KV events)" if opts.kv_events else ""),
              ", Redis (statesync on)" if args.redis else "", opts.run_dir)
     try:
         stack.start()
@@ -153,6 +208,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print("Try:\n" + CURL_LINES.format(url=stack.url, model=opts.model, metrics=stack.router_http), flush=True)
     if opts.pd:
         print(PD_CURL.format(url=stack.url, model=opts.pd_model), flush=True)
+    if opts.timing == "model":
+        print(compare_command(stack, _prog_name()), flush=True)
     print("Ctrl-C stops everything.", flush=True)
     # A router that exits is the supervisor's (stack.supervisor): it restarts it with backoff, as
     # systemd or Kubernetes would, and Envoy routes around it meanwhile. Any other process exiting
@@ -202,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body; keep equal to Envoy's bufferLimit")
     p.add_argument("--health-interval", type=float, metavar="SECONDS", help="pod health-check period")
     p.add_argument("--shutdown-grace", type=float, metavar="SECONDS", help="time in-flight requests get on SIGTERM")
-    p.add_argument("--drain-delay", type=_non_negative_seconds, default=0.0, metavar="SECONDS",
+    # 2 s: longer than Envoy's ext_proc health check (1 s interval + 1 s timeout in the rendered
+    # bootstrap). With 0, requests Envoy sent in that window were refused and answered 503 (measured:
+    # 6 of 563 in bench/chaos.py's router SIGTERM scenario; 0 with 2 s).
+    p.add_argument("--drain-delay", type=_non_negative_seconds, default=2.0, metavar="SECONDS",
                    help="on SIGTERM, readiness goes false this long before new streams are refused, so "
                         "Envoy and Kubernetes can move traffic first (default %(default)g)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity")
@@ -223,8 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8080, help="router metrics port")
     p.add_argument("--pods", type=int, default=3, help="simulated pods of demo-model")
     p.add_argument("--first-pod-port", type=int, default=8101)
-    p.add_argument("--ttft-ms", type=float, default=20.0, help="simulated time to first token")
-    p.add_argument("--itl-ms", type=float, default=5.0, help="simulated inter-token latency")
+    p.add_argument("--timing", choices=["model", "fixed"], default="model",
+                   help="the pods' timing: model (default: a prefix-caching KV cache and continuous batching, "
+                        "sized so that routing shows in latency and cached_tokens), or fixed (--ttft-ms, --itl-ms)")
+    p.add_argument("--ttft-ms", type=float, default=20.0, help="simulated time to first token (--timing fixed)")
+    p.add_argument("--itl-ms", type=float, default=5.0, help="simulated inter-token latency (--timing fixed)")
+    p.add_argument("--kv-events", action="store_true",
+                   help="precise prefix-cache: the pods publish their KV-cache events (vLLM's ZeroMQ format, "
+                        "free ports), the pod file declares them and the router subscribes")
     p.add_argument("--values", "-f", metavar="FILE", help="values.yaml with the gateway.* Envoy knobs")
     p.add_argument("--routing-algorithm", metavar="NAME", help="the router's default strategy")
     p.add_argument("--run-dir", default=".run", help="where configs and logs go")
@@ -241,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from extproc_router.envoyconfig.cli import register as register_envoy_config
     from extproc_router.loadtest.cli import register as register_loadtest
+    from extproc_router.manifests import register as register_manifests
     from extproc_router.simulator.cli import register as register_sim
     register_sim(sub)
     register_envoy_config(sub)
+    register_manifests(sub)
     register_loadtest(sub)
     return parser
 

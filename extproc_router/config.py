@@ -64,6 +64,7 @@ class RouterConfig:
     statesync_namespace: str = _SYNC.namespace
     prefill_timeout: float = 30.0  # pd: the router's prefill call (AIBRIX_PREFILL_REQUEST_TIMEOUT, seconds)
     pod_metrics_interval_ms: int = 100  # pd: scrape prefill/decode pods' /metrics this often
+    adapters_interval: float = 1.0  # list every ready pod's /v1/models (its LoRA adapters) this often, seconds
     # Prefix-cache routing (the reference's AIBRIX_PREFIX_CACHE_*): `prefix_cache_<name>` is
     # PrefixCacheSettings' `<name>`, whose defaults, rationale and ranges (`validate`, run by
     # build_config) live there.
@@ -113,6 +114,7 @@ ENV_VARS: dict[str, str] = {
     "EXTPROC_ROUTER_STATESYNC_NAMESPACE": "statesync_namespace",
     "AIBRIX_PREFILL_REQUEST_TIMEOUT": "prefill_timeout",
     "AIBRIX_POD_METRIC_REFRESH_INTERVAL_MS": "pod_metrics_interval_ms",
+    "EXTPROC_ROUTER_ADAPTERS_INTERVAL": "adapters_interval",
     "AIBRIX_PREFIX_CACHE_TOKENIZER_TYPE": "prefix_cache_tokenizer_type",
     "AIBRIX_PREFIX_CACHE_BLOCK_SIZE": "prefix_cache_block_size",
     "AIBRIX_PREFIX_CACHE_HASH_SEED": "prefix_cache_hash_seed",

@@ -28,6 +28,7 @@ from extproc_router.config import (
     split_hostport,
     statesync_settings,
 )
+from extproc_router.discovery.adapters import AdapterPoller
 from extproc_router.discovery.manager import FileDiscovery
 from extproc_router.discovery.pod_metrics import PodMetricsScraper
 from extproc_router.discovery.static_file import DiscoveryError, PodFile, read_pod_file
@@ -96,6 +97,11 @@ class RouterProcess:
         # waiting and KV usage; prefix-cache prices engine queues and weighs cache pressure by the
         # KV capacity the engine reports.
         self.pod_metrics = PodMetricsScraper(self._publish_pod_metrics, interval=cfg.pod_metrics_interval_ms / 1000)
+        # LoRA adapters the ready pods report (/v1/models, and the metrics' adapters in use), served on
+        # top of the ones discovery knows (pod file, ModelAdapters): see `_publish_adapters`.
+        self.adapters = AdapterPoller(self._publish_adapters, interval=cfg.adapters_interval)
+        self._discovered = PodSnapshot({})
+        self._reported_adapters: dict[str, frozenset[str]] = {}
         self.discovery: PodSource
         if make_discovery is None:
             file_discovery = FileDiscovery(cfg.pods_file, self._publish_snapshot,
@@ -133,13 +139,23 @@ class RouterProcess:
         self.http_port = 0
 
     def _publish_snapshot(self, snapshot: PodSnapshot) -> None:
-        self.router.update_snapshot(snapshot)
+        self._discovered = snapshot
+        self.adapters.set_pods(p for m in snapshot.models.values() for p in m.ready)
+        self.router.update_snapshot(snapshot.with_adapters(self._reported_adapters))
         if self.statesync is not None:
             self.statesync.on_pods(snapshot)
         self.pod_metrics.set_pods(p for m in snapshot.models.values() for p in m.ready)
         self.kv_events.set_pods(p for m in snapshot.models.values() for p in m.ready)
 
+    def _publish_adapters(self, adapters: dict[str, frozenset[str]]) -> None:
+        """The pods' own adapter reports changed: the last discovered pods, serving those too."""
+        self._reported_adapters = adapters
+        self.router.update_snapshot(self._discovered.with_adapters(adapters))
+
     def _publish_pod_metrics(self, metrics: dict[str, EngineStats]) -> None:
+        in_use = {k: m.lora_adapters for k, m in metrics.items() if m.lora_adapters}
+        if in_use:
+            self.adapters.observe_in_use(in_use)
         stats = self.router.stats
         before = dict(stats.kv_capacity)
         stats.update_engine(metrics)
@@ -178,6 +194,7 @@ class RouterProcess:
             # Catch up (snapshots + stream tail, bounded wait) before the first request is routed.
             await self.statesync.start()
         await self.pod_metrics.start()
+        await self.adapters.start(first_round=True)  # the pods' adapters are routable from the first request
         host, port = split_hostport(self.cfg.grpc_listen, "grpc_listen")
         self.grpc_port = await self.grpc.start(host, port)
         app = build_http_app(self.registry, lambda: models_list(self.router), self.is_ready,
@@ -210,6 +227,7 @@ class RouterProcess:
         await self.discovery.stop()
         await self.kv_events.stop()
         await self.pod_metrics.stop()
+        await self.adapters.stop()
         await self.service.control.prefill.close()
         if self.redis is not None:
             await self.redis.close()

@@ -9,6 +9,18 @@ With `supervise` (what `up` uses) a router process that exits is restarted like 
 (systemd, Kubernetes): half a second after it exited, longer each time while it keeps dying soon
 after its start. Envoy's ext_proc health checks take it out of rotation meanwhile and back in once
 it answers SERVING again.
+
+Fault injection (bench/chaos.py, tests): `kill` sends a signal to one process, `pause`/`resume`
+freeze and thaw one (SIGSTOP/SIGCONT: a hung process that keeps its sockets open), `start_redis`
+restarts Redis on its port, and `replace_envoy` hands the listener over to a new Envoy through
+the old one's graceful drain, without a moment where the port refuses connections.
+
+Pod timing: `fixed` (constant `ttft_ms` / `itl_ms`: what most tests want) or `model`, the
+simulator's KV-cache engine model sized by `ModelTiming` (what `up` runs, so that routing quality
+shows up in latency). With `kv_events` (model timing) every pod publishes its KV-cache events on
+ports of its own, the pod file declares them (`kv_events_port`, `kv_events_replay_port`) and the
+routers subscribe with the pods' tokenizer (`EXTPROC_ROUTER_KV_EVENTS_TOKENIZERS`): precise
+prefix-cache routing.
 """
 
 from __future__ import annotations
@@ -60,6 +72,20 @@ def envoy_binary() -> str:
     return found
 
 
+def envoy_stat(admin_url: str, name: str) -> int | None:
+    """One counter or gauge from an Envoy admin's /stats; None if Envoy does not answer."""
+    try:
+        with urllib.request.urlopen(f"{admin_url}/stats?filter=^{name}$", timeout=1) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(": ")
+        if key == name:
+            return int(value)
+    return None
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
     """Poll `url` until it answers 200; fail early if `proc` exits."""
     deadline = time.monotonic() + timeout
@@ -84,6 +110,32 @@ class PodSpec:
     port: int
     extra_args: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
+    kv_events_port: int | None = None  # the pod's KV-events PUB port (StackOptions.kv_events)
+    kv_events_replay_port: int | None = None  # and its replay (ROUTER) port
+
+
+@dataclass(frozen=True)
+class ModelTiming:
+    """The simulated pods' engine model (`sim --timing model`) as the local stack sizes it.
+
+    The simulator's own defaults model an 8B model on one H100 with a large KV cache; on `up`'s
+    three pods that would hide what routing is worth in a short run. Here the cache is smaller
+    (the one-minute comparison's 30 system prompts need about twice one pod's KV, so a pod that
+    gets every prompt evicts them) and prefill slower (a cold 1,800-token prompt costs ~0.3 s, a
+    cached one ~0.05 s), so one minute of `loadtest --compare random,prefix-cache` on a 2-core
+    machine shows the gap in TTFT and in `cached_tokens`. A single chat still answers in
+    milliseconds (a 16-token reply at ~8 ms a token).
+    """
+
+    kv_capacity_tokens: int = 24576  # per pod; also the longest prompt + output a pod accepts
+    prefill_tokens_per_s: float = 6000.0  # over uncached prompt tokens
+    decode_step_ms: float = 8.0  # every engine step; a decode step adds 0.08 ms per running sequence
+    tokenizer: str = "cl100k"  # the pods' tokenizer, and the routers' engine tokenizer with kv_events
+
+    def sim_args(self) -> list[str]:
+        return ["--timing", "model", "--kv-capacity-tokens", str(self.kv_capacity_tokens),
+                "--prefill-tokens-per-s", f"{self.prefill_tokens_per_s:g}",
+                "--decode-step-ms", f"{self.decode_step_ms:g}", "--tokenizer", self.tokenizer]
 
 
 @dataclass
@@ -114,6 +166,11 @@ class StackOptions:
     redis_port: int = 6379
     free_ports: bool = False  # routers beyond the first (and Redis) get free ports too
     supervise: bool = False  # restart a router that exits (with backoff) instead of leaving it dead
+    envoy_args: list[str] = field(default_factory=list)  # extra Envoy flags, e.g. --drain-time-s 5
+    timing: str = "fixed"  # the pods' timing: fixed (ttft_ms, itl_ms) or model (model_timing; `up`'s default)
+    model_timing: ModelTiming = field(default_factory=ModelTiming)
+    kv_events: bool = False  # model timing: pods publish KV events, routers subscribe (precise prefix-cache)
+    pod_args: dict[int, list[str]] = field(default_factory=dict)  # pod i's own sim flags, after sim_args
 
     @classmethod
     def on_free_ports(cls, **kw: object) -> StackOptions:
@@ -278,13 +335,21 @@ class LocalStack:
         self.pods: list[PodSpec] = []
         for i in range(opts.pods):
             port = opts.first_pod_port + i if opts.first_pod_port else free_port()
-            self.pods.append(PodSpec(name=f"{opts.model}-{i}", model=opts.model, port=port))
+            self.pods.append(PodSpec(name=f"{opts.model}-{i}", model=opts.model, port=port,
+                                     extra_args=list(opts.pod_args.get(i, ()))))
         if opts.pd:
             for j, role in enumerate(("prefill", "decode")):
                 port = opts.first_pod_port + opts.pods + j if opts.first_pod_port else free_port()
                 self.pods.append(PodSpec(name=f"{opts.pd_model}-{role}-0", model=opts.pd_model, port=port,
                                          extra_args=["--role", role, "--bootstrap-port", "0"],
                                          labels={"role-name": role, "roleset-name": "roleset-0"}))
+        if opts.timing not in ("fixed", "model"):
+            raise ValueError(f"timing must be fixed or model, got {opts.timing!r}")
+        if opts.kv_events:
+            if opts.timing != "model":
+                raise ValueError("KV events follow the simulated KV cache, which only model timing has")
+            for pod in self.pods:  # free ports whatever the HTTP ports: a restarted pod keeps them
+                pod.kv_events_port, pod.kv_events_replay_port = free_port(), free_port()
         self.routers: list[RouterSpec] = [RouterSpec("router", opts.grpc_port, opts.http_port)]
         for i in range(1, opts.replicas):
             ports = (free_port(), free_port()) if opts.free_ports else (opts.grpc_port + i, opts.http_port + i)
@@ -293,6 +358,7 @@ class LocalStack:
         self.pod_file = self.run_dir / "gateway.yaml"
         self.envoy_file = self.run_dir / "envoy.yaml"
         self.supervisor: RouterSupervisor | None = None
+        self._paused: set[str] = set()
 
     # -- addresses ---------------------------------------------------------------------------
     @property
@@ -322,9 +388,15 @@ class LocalStack:
 
     def start_pod(self, pod: PodSpec) -> None:
         o = self.opts
+        if o.timing == "model":
+            timing = o.model_timing.sim_args()
+        else:
+            timing = ["--ttft-ms", str(o.ttft_ms), "--itl-ms", str(o.itl_ms)]
+        if pod.kv_events_port is not None:
+            timing += ["--kv-events-endpoint", f"tcp://127.0.0.1:{pod.kv_events_port}",
+                       "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{pod.kv_events_replay_port}"]
         argv = [sys.executable, "-m", "extproc_router", "sim", "--host", "127.0.0.1", "--port", str(pod.port),
-                "--model", pod.model, "--pod-name", pod.name, "--ttft-ms", str(o.ttft_ms),
-                "--itl-ms", str(o.itl_ms), *o.sim_args, *pod.extra_args]
+                "--model", pod.model, "--pod-name", pod.name, *timing, *o.sim_args, *pod.extra_args]
         proc = self._spawn(pod.name, argv)
         wait_http(f"http://127.0.0.1:{pod.port}/health", 20, proc, f"simulated pod {pod.name}")
 
@@ -334,6 +406,8 @@ class LocalStack:
             entry = {"name": pod.name, "address": f"127.0.0.1:{pod.port}"}
             if pod.labels:
                 entry["labels"] = dict(pod.labels)
+            if pod.kv_events_port is not None:
+                entry.update(kv_events_port=pod.kv_events_port, kv_events_replay_port=pod.kv_events_replay_port)
             models.setdefault(pod.model, {"pods": []})["pods"].append(entry)
         if self.opts.model_config and self.opts.model in models:
             models[self.opts.model]["config"] = self.opts.model_config
@@ -343,9 +417,12 @@ class LocalStack:
         tmp.replace(self.pod_file)  # atomic: the router never reads a half-written file
 
     def router_env(self) -> dict[str, str]:
-        """The routers' environment on top of ours: the stack's Redis (with statesync on), then
-        `router_env`, which wins (a test can turn statesync off with Redis still set)."""
+        """The routers' environment on top of ours: the pods' tokenizer for their KV events (with
+        `kv_events`), the stack's Redis (with statesync on), then `router_env`, which wins (a test can
+        turn statesync off with Redis still set)."""
         env: dict[str, str] = {}
+        if self.opts.kv_events:  # the routers tokenize requests as the pods do, or no block would match
+            env["EXTPROC_ROUTER_KV_EVENTS_TOKENIZERS"] = f"*={self.opts.model_timing.tokenizer}"
         if self.redis_port is not None:
             env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(self.redis_port), AIBRIX_STATESYNC_ENABLED="true")
         return {**env, **self.opts.router_env}
@@ -398,19 +475,70 @@ class LocalStack:
         data = yaml.safe_load(Path(self.opts.values_file).read_text()) if self.opts.values_file else None
         return load_values(data)
 
-    def start_envoy(self) -> None:
+    def envoy_bootstrap(self) -> dict:
+        """The Envoy bootstrap of this stack (a subclass may adjust it, e.g. add a retry policy)."""
         from extproc_router.envoyconfig.render import render_bootstrap
         o = self.opts
-        cfg = render_bootstrap(self._values(), listen_host=o.listen_host, listen_port=o.listen_port,
-                               admin_port=o.admin_port,
-                               extproc_endpoints=[("127.0.0.1", r.grpc_port) for r in self.routers],
-                               router_http=("127.0.0.1", self.routers[0].http_port))
+        return render_bootstrap(self._values(), listen_host=o.listen_host, listen_port=o.listen_port,
+                                admin_port=o.admin_port,
+                                extproc_endpoints=[("127.0.0.1", r.grpc_port) for r in self.routers],
+                                router_http=("127.0.0.1", self.routers[0].http_port))
+
+    def start_envoy(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.envoy_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.envoy_file.write_text(yaml.safe_dump(self.envoy_bootstrap(), sort_keys=False))
         argv = [envoy_binary(), "-c", str(self.envoy_file), "--disable-hot-restart", "-l", "warning",
-                "--concurrency", "1"]
+                "--concurrency", "1", *self.opts.envoy_args]
         proc = self._spawn("envoy", argv)
         wait_http(f"{self.admin_url}/ready", 20, proc, "envoy")
+
+    def replace_envoy(self, drain_timeout: float = 30.0) -> dict[str, float]:
+        """Hand the listener over to a new Envoy, then retire the old one through its graceful drain.
+
+        The new Envoy binds the same listener port next to the old one (Envoy listeners set
+        SO_REUSEPORT by default, so the kernel spreads new connections over both) with a new admin
+        port; once it is ready the old one gets `POST /drain_listeners?graceful`: it discourages
+        keep-alive reuse (`Connection: close`; pass `--drain-strategy immediate` in `envoy_args` for all
+        responses at once) for `--drain-time-s`, then closes its listener, so new connections reach
+        the new Envoy only. The old one is stopped (SIGTERM) once its last request has finished, or
+        after `drain_timeout` seconds. Returns the seconds (from the call) at which each step ended.
+        """
+        old = self.procs.get("envoy")
+        if old is None or old.poll() is not None:
+            raise RuntimeError("no running Envoy to replace")
+        old_admin = self.admin_url
+        t0 = time.monotonic()
+        self.procs["envoy-draining"] = old
+        self.opts.admin_port = free_port()
+        try:
+            self.start_envoy()
+        except BaseException:
+            self.procs["envoy"] = old  # the old one keeps serving
+            del self.procs["envoy-draining"]
+            self.opts.admin_port = int(old_admin.rsplit(":", 1)[1])
+            raise
+        steps = {"new_ready_s": time.monotonic() - t0}
+        req = urllib.request.Request(f"{old_admin}/drain_listeners?graceful", method="POST")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            resp.read()
+        steps["drain_started_s"] = time.monotonic() - t0
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline and old.poll() is None:
+            active = envoy_stat(old_admin, "http.gateway.downstream_rq_active")
+            if active == 0:
+                break
+            time.sleep(0.1)
+        steps["old_idle_s"] = time.monotonic() - t0
+        if old.poll() is None:
+            old.send_signal(signal.SIGTERM)
+            try:
+                old.wait(10)
+            except subprocess.TimeoutExpired:
+                old.kill()
+                old.wait()
+        del self.procs["envoy-draining"]
+        steps["old_stopped_s"] = time.monotonic() - t0
+        return steps
 
     def start(self) -> None:
         try:
@@ -443,12 +571,34 @@ class LocalStack:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.get(name)
         if proc is not None and proc.poll() is None:
+            if name in self._paused and sig != signal.SIGKILL:
+                self.resume(name)  # a stopped process would only handle the signal once continued
             proc.send_signal(sig)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
 
+    def pid(self, name: str) -> int | None:
+        """The PID of process `name` if it is running (a restarted router has a new one)."""
+        proc = self.procs.get(name)
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def pause(self, name: str) -> None:
+        """Freeze process `name` (SIGSTOP): it keeps its sockets, so connections open but nothing is
+        answered, the way a hung server looks from outside. `resume` (or `stop`) thaws it."""
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGSTOP)
+        self._paused.add(name)
+
+    def resume(self, name: str) -> None:
+        proc = self.procs.get(name)
+        self._paused.discard(name)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         self.stop_supervisor()  # or it would restart the routers stopped below
+        for name in list(self._paused):  # a frozen process would not see the SIGTERM below
+            self.resume(name)
         # Envoy first (no new requests), then the routers, then the pods; Redis last (routers flush to it).
         routers = [r.name for r in self.routers]
         order = ["envoy", *routers, *[n for n in self.procs if n not in ("envoy", "redis", *routers)], "redis"]

@@ -289,20 +289,26 @@ class KvBlockIndex:
         return self._cleared_at.get(pod_key, -math.inf) >= since
 
     # -- requests ----------------------------------------------------------------------------
-    def precise_pods(self, model: str, pod_keys: Sequence[str]) -> list[str]:
-        """The pods among `pod_keys` whose events `prefix-cache` uses for `model`."""
-        if not self.precise_count or self.tokenizer_for(model) is None:
+    def precise_pods(self, model: str, pod_keys: Sequence[str], *, engine_model: str | None = None) -> list[str]:
+        """The pods among `pod_keys` whose events `prefix-cache` uses for `model` (`engine_model`: the
+        model the pods' engines run, whose tokenizer applies, when `model` is one of its LoRA adapters)."""
+        if not self.precise_count or self.tokenizer_for(engine_model or model) is None:
             return []
         pods = self._pods
         return [k for k in pod_keys if (p := pods.get(k)) is not None and p.precise]
 
-    def match(self, model: str, body: dict | None, pod_keys: Sequence[str]) -> PreciseMatch | None:
+    def match(self, model: str, body: dict | None, pod_keys: Sequence[str], *,
+              engine_model: str | None = None) -> PreciseMatch | None:
         """Leading blocks of the request's token chain each precise pod among `pod_keys` holds. None
-        when no candidate is precise or the body cannot be tokenized for the model."""
-        keys = self.precise_pods(model, pod_keys)
+        when no candidate is precise or the body cannot be tokenized for the model.
+
+        The chain is salted with `model` (a LoRA adapter's name for an adapter's request, as the
+        engine names its blocks) and tokenized with `engine_model`'s tokenizer (default: `model`'s):
+        an adapter shares its base model's tokenizer but never its KV blocks."""
+        keys = self.precise_pods(model, pod_keys, engine_model=engine_model)
         if not keys:
             return None
-        tokenizer = self.tokenizer_for(model)
+        tokenizer = self.tokenizer_for(engine_model or model)
         assert tokenizer is not None
         by_size: dict[int, list[_Pod]] = {}
         for k in keys:

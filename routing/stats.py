@@ -23,6 +23,8 @@ class EngineStats:
     kv_usage: float = 0.0  # 0..1
     scraped_at: float = 0.0
     kv_capacity_tokens: float = 0.0  # KV-cache size the engine reports; 0 = unknown
+    # LoRA adapters with requests running or waiting (vLLM's lora_requests_info); discovery reads them
+    lora_adapters: frozenset[str] = frozenset()
 
 
 class PodStats:

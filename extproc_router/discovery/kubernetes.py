@@ -24,6 +24,14 @@ WATCH from there streams ADDED / MODIFIED / DELETED / BOOKMARK events as JSON li
 nothing. A 410 Gone (the version fell out of the API server's history: HTTP status or an ERROR event)
 triggers a fresh LIST that replaces the whole set, so deletions missed in the gap are not kept.
 Other failures retry with exponential backoff; the last good pod set stays in service meanwhile.
+
+LoRA adapters: AIBrix's `ModelAdapter` resources (`model.aibrix.ai/v1alpha1`, `modeladapters`) are
+listed and watched the same way (`ModelAdapterWatch`). An adapter is served by the pods its
+`status.instances` names, in the adapter's namespace, under the adapter's name (`metadata.name`: the
+name AIBrix loads it into vLLM with, and the name clients ask for). Without the CRD (404) or without
+permission to read it (403) the router says so once and keeps checking every few minutes: adapters
+then come from the pods' own `/v1/models` (`extproc_router.discovery.adapters`), which the router
+polls in any case.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aiohttp
 import orjson
@@ -44,7 +52,7 @@ from extproc_router.discovery.static_file import DEFAULT_POD_PORT, DiscoveryErro
 from routing.pods import LABEL_MODEL, LABEL_PORT, Pod, PodSnapshot
 
 if TYPE_CHECKING:
-    from kubernetes_asyncio.client import ApiClient, CoreV1Api
+    from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
 
 log = logging.getLogger("extproc_router.discovery.kubernetes")
 
@@ -52,6 +60,11 @@ LABEL_RAY_NODE_TYPE = "ray.io/node-type"
 LABEL_POD_GROUP_INDEX = "stormservice.orchestration.aibrix.ai/pod-group-index"
 LIST_PAGE_SIZE = 500
 _GONE = 410
+_NOT_FOUND = 404
+_FORBIDDEN = 403
+# AIBrix's ModelAdapter custom resource.
+ADAPTER_GROUP, ADAPTER_VERSION, ADAPTER_PLURAL = "model.aibrix.ai", "v1alpha1", "modeladapters"
+ADAPTER_ABSENT_RECHECK_S = 300.0  # how often a missing ModelAdapter CRD (or permission) is checked again
 
 
 class ResourceExpired(Exception):
@@ -60,6 +73,10 @@ class ResourceExpired(Exception):
 
 class ApiFailure(Exception):
     """The API server answered a list or watch with an error status (e.g. 403 when RBAC is missing)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +139,35 @@ def pod_from_object(obj: Mapping[str, Any]) -> TrackedPod | None:
     return TrackedPod(model, pod, True, "")
 
 
+@dataclass(frozen=True, slots=True)
+class TrackedAdapter:
+    """What discovery keeps of one ModelAdapter: its name, and the pods (of its namespace) serving it."""
+
+    name: str
+    namespace: str
+    base_model: str | None
+    instances: tuple[str, ...]
+
+    def pod_keys(self) -> list[str]:
+        return [f"{self.namespace}/{pod}" for pod in self.instances]
+
+
+def adapter_from_object(obj: Mapping[str, Any]) -> TrackedAdapter | None:
+    """Translate one ModelAdapter object (API JSON); None when it has no name."""
+    meta = obj.get("metadata") or {}
+    name = str(meta.get("name") or "")
+    if not name:
+        return None
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    base = spec.get("baseModel") if isinstance(spec, dict) else None
+    base = base.strip() if isinstance(base, str) else ""
+    raw = status.get("instances") if isinstance(status, dict) else None
+    instances = tuple(dict.fromkeys(i for i in raw if isinstance(i, str) and i)) if isinstance(raw, list) else ()
+    return TrackedAdapter(name=name, namespace=str(meta.get("namespace") or "default"), base_model=base or None,
+                          instances=instances)
+
+
 def _object_key(obj: Mapping[str, Any]) -> str:
     meta = obj.get("metadata") or {}
     return f"{meta.get('namespace') or 'default'}/{meta.get('name') or ''}"
@@ -152,14 +198,19 @@ def _status_message(body: bytes) -> str:
     return str(status.get("message") or status.get("reason") or status) if isinstance(status, dict) else str(status)
 
 
-class PodWatch:
-    """The list/watch loop of one scope (one namespace, or all of them when `namespace` is None)."""
+T = TypeVar("T")
 
-    def __init__(self, api: CoreV1Api, namespace: str | None, on_change: Callable[[], None], *,
+
+class ListWatch(Generic[T]):
+    """The list/watch loop of one collection in one scope (one namespace, or all of them when
+    `namespace` is None): `items` maps "namespace/name" to what `translate` keeps of each object."""
+
+    kind = "object"  # for the logs
+
+    def __init__(self, namespace: str | None, on_change: Callable[[], None], *,
                  watch_timeout: Callable[[], int], backoff: tuple[float, float]) -> None:
-        self.api = api
         self.namespace = namespace
-        self.pods: dict[str, TrackedPod] = {}
+        self.items: dict[str, T] = {}
         self.resource_version: str | None = None
         self.synced = asyncio.Event()  # set after the first successful LIST
         self._on_change = on_change
@@ -169,6 +220,18 @@ class PodWatch:
     @property
     def scope(self) -> str:
         return f"namespace {self.namespace}" if self.namespace else "all namespaces"
+
+    def translate(self, obj: Mapping[str, Any]) -> T | None:
+        raise NotImplementedError
+
+    async def _call(self, **kwargs: Any) -> aiohttp.ClientResponse:
+        """GET the collection. `_preload_content=False` hands back the raw aiohttp response: the
+        body is parsed here (a watch is a stream of lines) and error statuses are not raised."""
+        raise NotImplementedError
+
+    async def _failed(self, exc: ApiFailure, delay: float) -> None:
+        """A list or watch answered with an error status; wait before the next try."""
+        await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: replicas must not retry in step
 
     async def run(self) -> None:
         """List, then watch, forever; only cancellation stops it."""
@@ -180,25 +243,20 @@ class PodWatch:
                 await self.watch_once()
                 delay = self._backoff[0]
             except ResourceExpired:
-                log.info("pod watch (%s): resourceVersion %s expired (410 Gone); listing again", self.scope,
-                         self.resource_version)
+                log.info("%s watch (%s): resourceVersion %s expired (410 Gone); listing again", self.kind,
+                         self.scope, self.resource_version)
                 self.resource_version = None
-            except Exception as exc:  # the loop must outlive any failure: keep the last pods, retry
-                log.warning("pod watch (%s) failed: %s; retrying in %.1fs", self.scope,
+            except ApiFailure as exc:
+                await self._failed(exc, delay)
+                delay = min(delay * 2, self._backoff[1])
+            except Exception as exc:  # the loop must outlive any failure: keep the last items, retry
+                log.warning("%s watch (%s) failed: %s; retrying in %.1fs", self.kind, self.scope,
                             str(exc) or type(exc).__name__, delay)
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: replicas must not retry in step
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self._backoff[1])
 
-    async def _call(self, **kwargs: Any) -> aiohttp.ClientResponse:
-        """GET the pods collection. `_preload_content=False` hands back the raw aiohttp response: the
-        body is parsed here (a watch is a stream of lines) and error statuses are not raised."""
-        kwargs.update(label_selector=LABEL_MODEL, _preload_content=False)
-        if self.namespace is None:
-            return await self.api.list_pod_for_all_namespaces(**kwargs)
-        return await self.api.list_namespaced_pod(self.namespace, **kwargs)
-
     async def relist(self) -> None:
-        """LIST every matching pod (page by page) and replace the tracked set with the result."""
+        """LIST every matching object (page by page) and replace the tracked set with the result."""
         items: list[dict[str, Any]] = []
         token: str | None = None
         version: str | None = None
@@ -214,7 +272,7 @@ class PodWatch:
             if resp.status == _GONE:  # the continue token expired mid-way: start over
                 raise ResourceExpired
             if resp.status != 200:
-                raise ApiFailure(f"list pods: HTTP {resp.status}: {_status_message(body)}")
+                raise ApiFailure(f"list {self.kind}s: HTTP {resp.status}: {_status_message(body)}", resp.status)
             page = orjson.loads(body)
             items.extend(page.get("items") or ())
             meta = page.get("metadata") or {}
@@ -222,18 +280,21 @@ class PodWatch:
             token = meta.get("continue")
             if not token:
                 break
-        new: dict[str, TrackedPod] = {}
+        new: dict[str, T] = {}
         for obj in items:
-            tracked = pod_from_object(obj)
+            tracked = self.translate(obj)
             if tracked is not None:
                 new[_object_key(obj)] = tracked
-        added, removed = new.keys() - self.pods.keys(), self.pods.keys() - new.keys()
-        self.pods = new
+        added, removed = new.keys() - self.items.keys(), self.items.keys() - new.keys()
+        self.items = new
         self.resource_version = version
-        log.info("pod list (%s): %d model pods, %d routable (+%d -%d) at resourceVersion %s", self.scope,
-                 len(new), sum(t.routable for t in new.values()), len(added), len(removed), version)
+        self._listed(added, removed, version)
         self.synced.set()
         self._on_change()
+
+    def _listed(self, added: set[str], removed: set[str], version: str | None) -> None:
+        log.info("%s list (%s): %d (+%d -%d) at resourceVersion %s", self.kind, self.scope, len(self.items),
+                 len(added), len(removed), version)
 
     async def watch_once(self) -> None:
         """One WATCH request from `resource_version`, applied event by event until the server ends it."""
@@ -247,7 +308,8 @@ class PodWatch:
             if resp.status == _GONE:
                 raise ResourceExpired
             if resp.status != 200:
-                raise ApiFailure(f"watch pods: HTTP {resp.status}: {_status_message(await resp.read())}")
+                raise ApiFailure(f"watch {self.kind}s: HTTP {resp.status}: {_status_message(await resp.read())}",
+                                 resp.status)
             async for line in _json_lines(resp):
                 self._apply(orjson.loads(line))
         finally:
@@ -259,20 +321,119 @@ class PodWatch:
         if kind == "ERROR":
             if obj.get("code") == _GONE:
                 raise ResourceExpired
-            raise ApiFailure(f"watch error event: {obj.get('code')} {obj.get('message')}")
+            raise ApiFailure(f"watch error event: {obj.get('code')} {obj.get('message')}", obj.get("code"))
         self.resource_version = _resource_version(obj) or self.resource_version
         if kind == "BOOKMARK":
             return
         key = _object_key(obj)
-        before = self.pods.get(key)
-        after = pod_from_object(obj) if kind in ("ADDED", "MODIFIED") else None
+        before = self.items.get(key)
+        after = self.translate(obj) if kind in ("ADDED", "MODIFIED") else None
         if after is None:
-            self.pods.pop(key, None)
+            self.items.pop(key, None)
         else:
-            self.pods[key] = after
+            self.items[key] = after
         if before != after:
-            _log_transition(key, before, after)
+            self._transition(key, before, after)
             self._on_change()
+
+    def _transition(self, key: str, before: T | None, after: T | None) -> None:
+        log.info("%s %s %s", self.kind, key, "removed" if after is None else "changed")
+
+
+class PodWatch(ListWatch[TrackedPod]):
+    """The model pods (label `model.aibrix.ai/name`) of one scope."""
+
+    kind = "pod"
+
+    def __init__(self, api: CoreV1Api, namespace: str | None, on_change: Callable[[], None], *,
+                 watch_timeout: Callable[[], int], backoff: tuple[float, float]) -> None:
+        super().__init__(namespace, on_change, watch_timeout=watch_timeout, backoff=backoff)
+        self.api = api
+
+    @property
+    def pods(self) -> dict[str, TrackedPod]:
+        return self.items
+
+    def translate(self, obj: Mapping[str, Any]) -> TrackedPod | None:
+        return pod_from_object(obj)
+
+    async def _call(self, **kwargs: Any) -> aiohttp.ClientResponse:
+        kwargs.update(label_selector=LABEL_MODEL, _preload_content=False)
+        if self.namespace is None:
+            return await self.api.list_pod_for_all_namespaces(**kwargs)
+        return await self.api.list_namespaced_pod(self.namespace, **kwargs)
+
+    async def _failed(self, exc: ApiFailure, delay: float) -> None:
+        log.warning("pod watch (%s) failed: %s; retrying in %.1fs", self.scope, exc, delay)
+        await super()._failed(exc, delay)
+
+    def _listed(self, added: set[str], removed: set[str], version: str | None) -> None:
+        log.info("pod list (%s): %d model pods, %d routable (+%d -%d) at resourceVersion %s", self.scope,
+                 len(self.items), sum(t.routable for t in self.items.values()), len(added), len(removed), version)
+
+    def _transition(self, key: str, before: TrackedPod | None, after: TrackedPod | None) -> None:
+        _log_transition(key, before, after)
+
+
+class ModelAdapterWatch(ListWatch[TrackedAdapter]):
+    """AIBrix's ModelAdapters of one scope. A missing CRD (404) or a missing permission (403) is no
+    error: the watch counts as synced (nothing to wait for), says so once, and checks again every
+    `absent_recheck` seconds."""
+
+    kind = "ModelAdapter"
+
+    def __init__(self, api: CustomObjectsApi, namespace: str | None, on_change: Callable[[], None], *,
+                 watch_timeout: Callable[[], int], backoff: tuple[float, float],
+                 absent_recheck: float = ADAPTER_ABSENT_RECHECK_S) -> None:
+        super().__init__(namespace, on_change, watch_timeout=watch_timeout, backoff=backoff)
+        self.api = api
+        self.absent_recheck = absent_recheck
+        self.absent: int | None = None  # the status (404, 403) that said the resource is unavailable
+
+    def translate(self, obj: Mapping[str, Any]) -> TrackedAdapter | None:
+        return adapter_from_object(obj)
+
+    async def _call(self, **kwargs: Any) -> aiohttp.ClientResponse:
+        kwargs["_preload_content"] = False
+        if self.namespace is None:
+            return await self.api.list_cluster_custom_object(ADAPTER_GROUP, ADAPTER_VERSION, ADAPTER_PLURAL,
+                                                             **kwargs)
+        return await self.api.list_namespaced_custom_object(ADAPTER_GROUP, ADAPTER_VERSION, self.namespace,
+                                                            ADAPTER_PLURAL, **kwargs)
+
+    async def relist(self) -> None:
+        await super().relist()
+        if self.absent is not None:
+            log.info("ModelAdapters (%s) are readable now: following them", self.scope)
+            self.absent = None
+
+    async def _failed(self, exc: ApiFailure, delay: float) -> None:
+        if exc.status not in (_NOT_FOUND, _FORBIDDEN):
+            log.warning("ModelAdapter watch (%s) failed: %s; retrying in %.1fs", self.scope, exc, delay)
+            await super()._failed(exc, delay)
+            return
+        if self.absent != exc.status:
+            why = ("the ModelAdapter CRD (model.aibrix.ai/v1alpha1) is not installed" if exc.status == _NOT_FOUND
+                   else "the router may not list modeladapters.model.aibrix.ai (RBAC)")
+            log.info("no ModelAdapters (%s): %s; LoRA adapters come from the pods' /v1/models and metrics; "
+                     "checking again every %.0fs", self.scope, why, self.absent_recheck)
+            self.absent = exc.status
+        self.resource_version = None
+        if self.items:
+            self.items = {}
+            self._on_change()
+        self.synced.set()
+        await asyncio.sleep(self.absent_recheck)
+
+    def _listed(self, added: set[str], removed: set[str], version: str | None) -> None:
+        log.info("ModelAdapter list (%s): %d adapters (+%d -%d) at resourceVersion %s", self.scope,
+                 len(self.items), len(added), len(removed), version)
+
+    def _transition(self, key: str, before: TrackedAdapter | None, after: TrackedAdapter | None) -> None:
+        if after is None:
+            log.info("ModelAdapter %s removed", key)
+        else:
+            log.info("ModelAdapter %s served by pods %s", key, ", ".join(after.instances) or "(none yet)")
 
 
 def _log_transition(key: str, before: TrackedPod | None, after: TrackedPod | None) -> None:
@@ -315,13 +476,18 @@ class KubernetesDiscovery:
     """Publishes a PodSnapshot whenever the routable view of the watched pods changes.
 
     Same contract as FileDiscovery: `publish` gets every new snapshot, `ready` turns True once
-    every namespace has been listed, `start()` / `stop()`.
+    every namespace's pods have been listed, `start()` / `stop()`. With `model_adapters` the
+    ModelAdapters of the same scopes are followed too; the pods their `status.instances` name serve
+    them (the snapshot's `pod_adapters`).
     """
 
     def __init__(self, publish: Callable[[PodSnapshot], None], *, namespaces: Iterable[str] = (),
                  kubeconfig: str | None = None, watch_timeout: Callable[[], int] = _default_watch_timeout,
-                 backoff: tuple[float, float] = (0.5, 30.0), initial_sync_timeout: float = 10.0) -> None:
+                 backoff: tuple[float, float] = (0.5, 30.0), initial_sync_timeout: float = 10.0,
+                 model_adapters: bool = True, adapter_absent_recheck: float = ADAPTER_ABSENT_RECHECK_S) -> None:
         self._publish = publish
+        self.model_adapters = model_adapters
+        self._adapter_absent_recheck = adapter_absent_recheck
         self.namespaces: Sequence[str] = tuple(dict.fromkeys(namespaces))  # () = cluster-wide
         self.kubeconfig = kubeconfig
         self._watch_timeout = watch_timeout
@@ -329,6 +495,7 @@ class KubernetesDiscovery:
         self._initial_sync_timeout = initial_sync_timeout
         self._api_client: ApiClient | None = None
         self._watches: list[PodWatch] = []
+        self._adapter_watches: list[ModelAdapterWatch] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._last_view: tuple[Any, ...] | None = None
         self._version = 0
@@ -340,16 +507,25 @@ class KubernetesDiscovery:
         An unreachable API server does not stop the router: it stays not ready and keeps retrying.
         A missing configuration raises DiscoveryError.
         """
-        from kubernetes_asyncio.client import CoreV1Api
+        from kubernetes_asyncio.client import CoreV1Api, CustomObjectsApi
 
         self._api_client = await load_api_client(self.kubeconfig)
         api = CoreV1Api(self._api_client)
         scopes: Sequence[str | None] = self.namespaces or (None,)
         self._watches = [PodWatch(api, ns, self._changed, watch_timeout=self._watch_timeout, backoff=self._backoff)
                          for ns in scopes]
+        if self.model_adapters:
+            custom = CustomObjectsApi(self._api_client)
+            self._adapter_watches = [
+                ModelAdapterWatch(custom, ns, self._changed, watch_timeout=self._watch_timeout, backoff=self._backoff,
+                                  absent_recheck=self._adapter_absent_recheck) for ns in scopes]
         self._tasks = [asyncio.create_task(w.run(), name=f"pod-watch-{w.namespace or '*'}") for w in self._watches]
+        self._tasks += [asyncio.create_task(w.run(), name=f"modeladapter-watch-{w.namespace or '*'}")
+                        for w in self._adapter_watches]
         try:
-            await asyncio.wait_for(asyncio.gather(*(w.synced.wait() for w in self._watches)),
+            # The adapters' first list too (an absent CRD counts as listed): requests for an adapter
+            # must not get a 404 just because the router started a moment ago.
+            await asyncio.wait_for(asyncio.gather(*(w.synced.wait() for w in [*self._watches, *self._adapter_watches])),
                                    self._initial_sync_timeout)
         except TimeoutError:
             log.warning("kubernetes discovery: no pod list after %.0fs; not ready until the API server answers",
@@ -369,7 +545,12 @@ class KubernetesDiscovery:
         pods = sorted((t.pod for t in tracked if t.pod is not None), key=lambda p: p.key)
         ready = frozenset(t.pod.key for t in tracked if t.routable and t.pod is not None)
         models = frozenset(t.model for t in tracked)
-        view = (tuple(pods), ready, models)
+        adapters: dict[str, set[str]] = {}
+        for w in self._adapter_watches:
+            for adapter in w.items.values():
+                for key in adapter.pod_keys():
+                    adapters.setdefault(key, set()).add(adapter.name)
+        view = (tuple(pods), ready, models, {k: frozenset(v) for k, v in adapters.items()})
         if not self.ready and all(w.synced.is_set() for w in self._watches):
             self.ready = True
         if view == self._last_view:
@@ -377,4 +558,4 @@ class KubernetesDiscovery:
         self._last_view = view
         self._version += 1
         # Every model with a tracked pod is listed, even with no IP yet: its requests get 503, not 404.
-        self._publish(PodSnapshot.build(pods, set(ready), dict.fromkeys(models), self._version))
+        self._publish(PodSnapshot.build(pods, set(ready), dict.fromkeys(models), self._version, adapters=view[3]))

@@ -65,7 +65,7 @@ class FileDiscovery:
     def _republish(self) -> None:
         self._version += 1
         self._publish(PodSnapshot.build(self._file.pods, self._healthy, self._file.model_configs,
-                                        self._version))
+                                        self._version, adapters=self._file.adapters))
 
     async def _watch(self) -> None:
         while True:

@@ -30,11 +30,17 @@ _NAMES = {
     b"sglang:token_usage": "kv_usage",
     b"sglang:max_total_num_tokens": "kv_capacity_tokens",
     b"vllm:cache_config_info": "cache_config",  # an info gauge: the capacity is in its labels
+    b"vllm:lora_requests_info": "lora_info",  # the LoRA adapters in use are in its labels
 }
 # Only the labels of `vllm:cache_config_info` lines are searched, so scraping stays one dict lookup a
 # line. The name must start a label (`{` or `,` before it): `num_gpu_blocks_override` is another label.
 _GPU_BLOCKS = re.compile(rb'[{,]\s*num_gpu_blocks="([^"]*)"')
 _BLOCK_SIZE = re.compile(rb'[{,]\s*block_size="([^"]*)"')
+# vLLM sets one series per distinct (running, waiting, max_lora) label set to the current time and
+# never removes old ones: the series with the largest value is the current state.
+_LORA_RUNNING = re.compile(rb'[{,]\s*running_lora_adapters="((?:[^"\\]|\\.)*)"')
+_LORA_WAITING = re.compile(rb'[{,]\s*waiting_lora_adapters="((?:[^"\\]|\\.)*)"')
+_UNESCAPE = re.compile(r"\\(.)")  # a label value's \\, \" and \n
 
 
 PodMetrics = EngineStats  # what one scrape of one pod yields
@@ -47,10 +53,15 @@ def parse_metrics(text: bytes) -> PodMetrics:
     of a data-parallel pod, summed; a line without both labels as numbers, such as num_gpu_blocks
     "None" before the engine profiled its memory, makes it unknown), else SGLang's
     `max_total_num_tokens`.
+
+    The LoRA adapters in use are the `running_lora_adapters` and `waiting_lora_adapters` (comma-
+    separated names) of the newest `vllm:lora_requests_info` series: its value is the time vLLM
+    last set it, and the series of earlier label sets stay exported with older times.
     """
     values: dict[str, float] = {}
     source: dict[str, bytes] = {}  # field -> the metric name it is read from (the first seen)
     vllm_capacity: float | None = None  # None: no cache_config_info line; nan: one was unusable
+    lora_line, lora_time = b"", -math.inf  # the newest lora_requests_info series: labels, value
     for line in text.split(b"\n"):
         if not line or line[0] == 35:  # '#'
             continue
@@ -72,6 +83,10 @@ def parse_metrics(text: bytes) -> PodMetrics:
             value = float(line.rsplit(b" ", 1)[1])
         except (ValueError, IndexError):
             continue
+        if field == "lora_info":
+            if value >= lora_time:
+                lora_line, lora_time = line[name_end:], value
+            continue
         values[field] = values.get(field, 0.0) + value
     if vllm_capacity is not None:
         capacity = vllm_capacity if vllm_capacity > 0 else 0.0  # nan > 0 is False
@@ -79,7 +94,19 @@ def parse_metrics(text: bytes) -> PodMetrics:
         capacity = values.get("kv_capacity_tokens", 0.0)
     return EngineStats(running=values.get("running", 0.0), waiting=values.get("waiting", 0.0),
                       kv_usage=values.get("kv_usage", 0.0), scraped_at=time.monotonic(),
-                      kv_capacity_tokens=capacity if math.isfinite(capacity) else 0.0)
+                      kv_capacity_tokens=capacity if math.isfinite(capacity) else 0.0,
+                      lora_adapters=_lora_adapters(lora_line) if lora_line else frozenset())
+
+
+def _lora_adapters(labels: bytes) -> frozenset[str]:
+    """The adapter names of one lora_requests_info label set: running and waiting, comma-separated."""
+    names: set[str] = set()
+    for pattern in (_LORA_RUNNING, _LORA_WAITING):
+        found = pattern.search(labels)
+        if found is not None and found[1]:
+            text = _UNESCAPE.sub(lambda m: "\n" if m[1] == "n" else m[1], found[1].decode("utf-8", "replace"))
+            names.update(n.strip() for n in text.split(",") if n.strip())
+    return frozenset(names)
 
 
 def _cache_config_tokens(labels: bytes) -> float:

@@ -65,8 +65,11 @@ class PodPoller:
             return None
 
     async def _sleep(self) -> None:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that arrives as
+        # the wake-up event is set (stop() right after set_pods), and the loop would then never end.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self.interval)
+            async with asyncio.timeout(self.interval):
+                await self._wake.wait()
 
     async def _loop(self, wait_first: bool) -> None:
         if wait_first:

@@ -11,6 +11,8 @@
             annotations: {model.aibrix.ai/config: "..."}
             kv_events_port: 5557             # optional: the engine's KV-events PUB port on the pod's IP
             kv_events_replay_port: 5558      # optional: its replay (ROUTER) port
+            adapters: [sql-lora, chat-lora]  # optional: LoRA adapters the pod serves (the pod's own
+                                             # /v1/models adds those loaded at run time)
 
 `kv_events_port` / `kv_events_replay_port` are short for the annotations
 `model.aibrix.ai/kv-events-port` / `model.aibrix.ai/kv-events-replay-port` (the Kubernetes form).
@@ -51,6 +53,7 @@ class PodFile:
     router: dict[str, Any] = field(default_factory=dict)
     users: dict[str, Any] = field(default_factory=dict)  # user -> {rpm, tpm}: validated by the config layer
     auth: dict[str, Any] = field(default_factory=dict)  # {api_keys: [...]}
+    adapters: dict[str, tuple[str, ...]] = field(default_factory=dict)  # pod key -> LoRA adapters it serves
 
 
 def _address(where: str, item: dict[str, Any], labels: dict[str, str]) -> str:
@@ -134,7 +137,7 @@ def parse_pod_file(data: Any, source: str = "<config>") -> PodFile:
             if not isinstance(item, dict):
                 raise DiscoveryError(f"{pw}: expected a mapping")
             unknown = set(item) - {"name", "address", "ip", "port", "namespace", "labels", "annotations",
-                                   *_KV_EVENTS_KEYS}
+                                   "adapters", *_KV_EVENTS_KEYS}
             if unknown:
                 raise DiscoveryError(f"{pw}: unknown key(s) {sorted(unknown)}")
             labels = _str_map(f"{pw}.labels", item.get("labels"))
@@ -158,7 +161,22 @@ def parse_pod_file(data: Any, source: str = "<config>") -> PodFile:
             seen_key.add(pod.key)
             seen_addr[address] = pod.key
             out.pods.append(pod)
+            adapters = _adapters(f"{pw}.adapters", item.get("adapters"), {str(m) for m in models})
+            if adapters:
+                out.adapters[pod.key] = adapters
     return out
+
+
+def _adapters(where: str, value: Any, models: set[str]) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise DiscoveryError(f"{where}: expected a list of LoRA adapter names")
+    names = tuple(dict.fromkeys(v.strip() for v in value))
+    clash = sorted(n for n in names if n in models)
+    if clash:
+        raise DiscoveryError(f"{where}: {', '.join(clash)} is a model of this file, not an adapter")
+    return names
 
 
 def read_pod_file(path: str | os.PathLike[str]) -> PodFile:

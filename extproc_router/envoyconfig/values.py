@@ -1,18 +1,28 @@
-"""The seed's ``gateway.*`` values (values.yaml) as one typed, validated object.
+"""The seed's values.yaml as typed, validated objects.
 
-Only the three policy blocks the seed documents are read: ``gateway.clientTrafficPolicy``,
-``gateway.backendTrafficPolicy`` and ``gateway.envoyPatchPolicy``. Everything else in a Helm values
-file (``gatewayPlugin``, ``metadata``, other ``gateway.*`` keys) belongs to other consumers and is
-ignored, but an unknown key *inside* a policy block is an error: a misspelt knob that silently keeps
-its default is worse than a refusal to start.
+Two readers, one file:
+
+* :func:`load_values` (``extproc-router envoy-config``, the local stack) reads the three Envoy policy
+  blocks the seed documents: ``gateway.clientTrafficPolicy``, ``gateway.backendTrafficPolicy`` and
+  ``gateway.envoyPatchPolicy``. The rest of the file (``gatewayPlugin``, ``metadata``, other
+  ``gateway.*`` keys) belongs to other consumers and is ignored here, but an unknown key *inside* a
+  policy block is an error: a misspelt knob that silently keeps its default is worse than a refusal
+  to start.
+* :func:`load_deployment_values` (``extproc-router manifests``) renders the whole deployment, so it
+  reads every key and knows them all: besides the policies, ``gatewayPlugin.replicaCount``,
+  ``gatewayPlugin.container.{resources,envs}``, ``gatewayPlugin.dependencies.redis.{host,port}``,
+  ``gateway.envoyProxy.{replicas,container.envoy.resources}`` and
+  ``metadata.redis.{replicas,container.resources}``. Any other key is an error naming it.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
+import ipaddress
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -20,10 +30,13 @@ from typing import Any
 __all__ = [
     "BODY_LIMIT_HEADROOM_BYTES",
     "DEFAULT_LIMIT",
+    "DeploymentValues",
     "GatewayValues",
     "ValuesError",
+    "load_deployment_values",
     "load_values",
     "parse_duration",
+    "parse_quantity",
 ]
 
 MIB = 1024 * 1024
@@ -230,7 +243,7 @@ def _collect(node: Any, schema: Mapping[str, Any], path: str, out: dict[str, Any
             out[child_path] = spec(child_path, raw)
 
 
-def _unknown_key_problem(key: str, allowed: Mapping[str, Any]) -> str:
+def _unknown_key_problem(key: str, allowed: Collection[str]) -> str:
     close = difflib.get_close_matches(key, list(allowed), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown key{hint}; allowed here: {', '.join(allowed)}"
@@ -301,3 +314,311 @@ def load_values(data: Mapping[str, Any] | None) -> GatewayValues:
         route_timeout=pick(f"{epp}.route.timeout", default=defaults.route_timeout),
         connect_timeout=pick(f"{epp}.route.connectTimeout", default=defaults.connect_timeout),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The deployment (`extproc-router manifests`): gatewayPlugin, gateway.envoyProxy, metadata.redis.
+#
+# Defaults: today's production-shaped deployment. Several router replicas (one router process is one
+# asyncio event loop, about one core: scale with replicas, not CPUs), so state sync is on, through
+# the bundled Redis. The seed implies the bundled Redis's defaults are smaller than its sizing
+# example (requests 1 CPU / 2Gi, limits 2 CPU / 4Gi: "increase ... from the defaults"); what the
+# routers keep there is bounded (README: at most ~42 MB of stream plus ~2 MB of snapshot per replica).
+
+DEFAULT_ROUTER_REPLICAS = 3
+DEFAULT_ROUTER_RESOURCES: dict[str, dict[str, str]] = {"requests": {"cpu": "1", "memory": "1Gi"},
+                                                       "limits": {"memory": "2Gi"}}
+#: ``gatewayPlugin.container.envs``. The router's own default for the variable is false (as in the
+#: seed); the deployment turns it on because it runs several replicas. ``null`` removes it.
+DEFAULT_ROUTER_ENVS: dict[str, str] = {"AIBRIX_STATESYNC_ENABLED": "true"}
+DEFAULT_REDIS_PORT = 6379
+DEFAULT_ENVOY_REPLICAS = 3
+DEFAULT_ENVOY_RESOURCES: dict[str, dict[str, str]] = {"requests": {"cpu": "2", "memory": "1Gi"},
+                                                      "limits": {"memory": "2Gi"}}
+DEFAULT_REDIS_REPLICAS = 1
+DEFAULT_REDIS_RESOURCES: dict[str, dict[str, str]] = {"requests": {"cpu": "250m", "memory": "256Mi"},
+                                                      "limits": {"memory": "1Gi"}}
+
+_INT32_MAX = 2**31 - 1
+_ENVS = "gatewayPlugin.container.envs"
+_REDIS = "gatewayPlugin.dependencies.redis"
+
+#: Router environment variables the manifests set from other keys (or fix, because the Service, the
+#: probes and Envoy's clusters depend on them): in ``container.envs`` they would fight that value.
+RESERVED_ENVS: dict[str, str] = {
+    "REDIS_HOST": f"set from {_REDIS}.host; set that instead",
+    "REDIS_PORT": f"set from {_REDIS}.port; set that instead",
+    "AIBRIX_GRPC_MAX_MESSAGE_SIZE_BYTES": "the router's body limit follows "
+                                          "gateway.clientTrafficPolicy.connection.bufferLimit; set that instead",
+    "EXTPROC_ROUTER_GRPC_LISTEN": "fixed by the manifests (0.0.0.0:50052: the Service, the NetworkPolicy and "
+                                  "Envoy's ext_proc cluster use it)",
+    "EXTPROC_ROUTER_HTTP_LISTEN": "fixed by the manifests (0.0.0.0:8080: the probes, the Service and "
+                                  "Prometheus use it)",
+}
+
+
+@dataclass(frozen=True)
+class DeploymentValues:
+    """Every key of the seed's values.yaml, resolved onto the defaults (what ``manifests`` renders).
+
+    Resources are Kubernetes ``resources`` mappings (``requests`` / ``limits`` -> resource -> quantity
+    string), already checked (names, quantities, request not above limit).
+    """
+
+    #: The three Envoy policy blocks, as ``envoy-config`` reads them.
+    gateway: GatewayValues = field(default_factory=GatewayValues)
+    #: ``gatewayPlugin.replicaCount``.
+    router_replicas: int = DEFAULT_ROUTER_REPLICAS
+    #: ``gatewayPlugin.container.resources``.
+    router_resources: dict[str, dict[str, str]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_ROUTER_RESOURCES))
+    #: ``gatewayPlugin.container.envs``: extra environment of the router container, in order.
+    router_env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ROUTER_ENVS))
+    #: ``gatewayPlugin.dependencies.redis.host``; None (the seed's ``""``): the bundled Redis.
+    redis_host: str | None = None
+    #: ``gatewayPlugin.dependencies.redis.port``: ``REDIS_PORT``, and the bundled Redis Service's port.
+    redis_port: int = DEFAULT_REDIS_PORT
+    #: ``gateway.envoyProxy.replicas``.
+    envoy_replicas: int = DEFAULT_ENVOY_REPLICAS
+    #: ``gateway.envoyProxy.container.envoy.resources``.
+    envoy_resources: dict[str, dict[str, str]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_ENVOY_RESOURCES))
+    #: ``metadata.redis.replicas`` (always 1: see :func:`load_deployment_values`).
+    redis_replicas: int = DEFAULT_REDIS_REPLICAS
+    #: ``metadata.redis.container.resources``.
+    redis_resources: dict[str, dict[str, str]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_REDIS_RESOURCES))
+
+    @property
+    def bundled_redis(self) -> bool:
+        """Whether the deployment runs its own Redis (no external ``dependencies.redis.host``)."""
+        return self.redis_host is None
+
+
+def load_deployment_values(data: Mapping[str, Any] | None) -> DeploymentValues:
+    """Validate a whole values.yaml (every key must be known) and resolve it onto the defaults.
+
+    Merging follows Helm: a mapping given (``resources``, ``requests``, ``limits``, ``envs``) is merged
+    entry by entry onto the default one, and ``null`` removes an entry (``envs: {X: null}`` drops a
+    default variable, ``limits: null`` every default limit); a null number keeps its default.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ValuesError("", f"the values file must be a mapping at the top level, got {data!r}")
+    _check_keys(data, "", ("gateway", "gatewayPlugin", "metadata"))
+    gateway = _section(data, "gateway", ("clientTrafficPolicy", "backendTrafficPolicy", "envoyPatchPolicy",
+                                         "envoyProxy"))
+    plugin = _section(data, "gatewayPlugin", ("replicaCount", "container", "dependencies"))
+    plugin_container = _section(plugin, "gatewayPlugin.container", ("resources", "envs"))
+    redis_dep = _section(_section(plugin, "gatewayPlugin.dependencies", ("redis",)), _REDIS, ("host", "port"))
+    proxy = _section(gateway, "gateway.envoyProxy", ("replicas", "container"))
+    envoy_container = _section(_section(proxy, "gateway.envoyProxy.container", ("envoy",)),
+                               "gateway.envoyProxy.container.envoy", ("resources",))
+    metadata = _section(data, "metadata", ("redis",))
+    redis = _section(metadata, "metadata.redis", ("replicas", "container"))
+    redis_container = _section(redis, "metadata.redis.container", ("resources",))
+
+    redis_host = _leaf(redis_dep, _REDIS, "host", _redis_host, None)
+    if redis_host is not None and redis:
+        raise ValuesError("metadata.redis", f"the bundled Redis is not deployed with an external {_REDIS}.host "
+                                            f"({redis_host}): remove this block, as the seed says")
+    router_env = _envs(plugin_container, _ENVS, DEFAULT_ROUTER_ENVS)
+    return DeploymentValues(
+        gateway=load_values(data),
+        router_replicas=_leaf(plugin, "gatewayPlugin", "replicaCount", _positive_int(_INT32_MAX),
+                              DEFAULT_ROUTER_REPLICAS),
+        router_resources=_resources(plugin_container, "gatewayPlugin.container.resources", DEFAULT_ROUTER_RESOURCES),
+        router_env=router_env,
+        redis_host=redis_host,
+        redis_port=_leaf(redis_dep, _REDIS, "port", _port_number, DEFAULT_REDIS_PORT),
+        envoy_replicas=_leaf(proxy, "gateway.envoyProxy", "replicas", _positive_int(_INT32_MAX),
+                             DEFAULT_ENVOY_REPLICAS),
+        envoy_resources=_resources(envoy_container, "gateway.envoyProxy.container.envoy.resources",
+                                   DEFAULT_ENVOY_RESOURCES),
+        redis_replicas=_leaf(redis, "metadata.redis", "replicas", _redis_replicas, DEFAULT_REDIS_REPLICAS),
+        redis_resources=_resources(redis_container, "metadata.redis.container.resources", DEFAULT_REDIS_RESOURCES),
+    )
+
+
+def _check_keys(node: Mapping[str, Any], path: str, allowed: Collection[str]) -> None:
+    for key in node:
+        if key not in allowed:
+            raise ValuesError(f"{path}.{key}" if path else str(key), _unknown_key_problem(str(key), allowed))
+
+
+def _section(parent: Mapping[str, Any], path: str, allowed: Collection[str]) -> Mapping[str, Any]:
+    """The mapping at ``path`` (its last part a key of ``parent``), its keys checked; {} when absent."""
+    raw = parent.get(path.rpartition(".")[2])
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ValuesError(path, f"expected a mapping with keys {', '.join(allowed)}, got {raw!r}")
+    _check_keys(raw, path, allowed)
+    return raw
+
+
+def _leaf(parent: Mapping[str, Any], path: str, key: str, check: Leaf, default: Any) -> Any:
+    raw = parent.get(key)
+    return default if raw is None else check(f"{path}.{key}", raw)
+
+
+def _port_number(path: str, raw: Any) -> int:
+    if isinstance(raw, str) and raw.isdigit():  # Helm charts quote it as often as not
+        raw = int(raw)
+    return _positive_int(65535)(path, raw)
+
+
+def _redis_replicas(path: str, raw: Any) -> int:
+    value = _positive_int(_INT32_MAX)(path, raw)
+    if value != 1:
+        raise ValuesError(path, f"must be 1, got {value}: the bundled Redis is one in-memory instance, and "
+                                f"{value} independent copies behind one Service would split the routers' shared "
+                                f"state between them; for a replicated Redis, set {_REDIS}.host to it")
+    return value
+
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
+
+
+def _redis_host(path: str, raw: Any) -> str | None:
+    if not isinstance(raw, str):
+        raise ValuesError(path, f"expected a host name or IP address, got {raw!r}")
+    if raw == "":  # the seed: leave empty to use the bundled Redis
+        return None
+    try:
+        ipaddress.ip_address(raw)
+        return raw
+    except ValueError:
+        pass
+    name = raw.removesuffix(".")
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValuesError(path, f"expected a host name or IP address without scheme or port (the port is "
+                                f"{_REDIS}.port), got {raw!r}")
+    return raw
+
+
+# Kubernetes resource quantities: <number><suffix>, suffix binary (Ki..Ei), decimal (m, k..E) or an
+# exponent (e3). Signs are not accepted: requests and limits cannot be negative.
+_QUANTITY = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([eE][+-]?\d+|Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?")
+_QUANTITY_SUFFIX = {
+    "": Decimal(1), "m": Decimal("0.001"), "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9),
+    "T": Decimal(10**12), "P": Decimal(10**15), "E": Decimal(10**18),
+    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40), "Pi": Decimal(2**50),
+    "Ei": Decimal(2**60),
+}
+
+
+def parse_quantity(text: str) -> Decimal:
+    """A Kubernetes quantity ("500m", "2", "1.5Gi", "1e3") as a number; ValueError if it is not one."""
+    match = _QUANTITY.fullmatch(text)
+    if match is None:
+        raise ValueError(f"expected a Kubernetes quantity such as '500m', '2', '512Mi' or '4Gi', got {text!r}")
+    number, suffix = Decimal(match.group(1)), match.group(2) or ""
+    if suffix[:1] in ("e", "E") and len(suffix) > 1:
+        return number.scaleb(int(suffix[1:]))
+    return number * _QUANTITY_SUFFIX[suffix]
+
+
+_RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
+_EXTENDED_RESOURCE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+
+
+def _resource_name(path: str, name: Any) -> str:
+    if isinstance(name, str) and (name in _RESOURCE_NAMES or _EXTENDED_RESOURCE.fullmatch(name)):
+        return name
+    if isinstance(name, str) and name.startswith("hugepages-"):
+        try:
+            parse_quantity(name.removeprefix("hugepages-"))
+            return name
+        except ValueError:
+            pass
+    close = difflib.get_close_matches(str(name), _RESOURCE_NAMES, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValuesError(path, f"unknown resource{hint}; expected {', '.join(_RESOURCE_NAMES)}, hugepages-<size> "
+                            f"or an extended resource such as example.com/device")
+
+
+def _quantity(path: str, raw: Any) -> str:
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise ValuesError(path, f"expected a Kubernetes quantity such as '500m', '2', '512Mi' or '4Gi', got {raw!r}")
+    text = raw if isinstance(raw, str) else str(raw)  # cpu: 16 unquoted is the quantity "16"
+    try:
+        parse_quantity(text)
+    except ValueError as exc:
+        raise ValuesError(path, str(exc)) from None
+    return text
+
+
+def _resources(parent: Mapping[str, Any], path: str, default: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    """``resources`` merged onto ``default`` (Helm's way), then checked: no request above its limit."""
+    key = path.rpartition(".")[2]
+    if key not in parent:
+        return copy.deepcopy(dict(default))
+    raw = parent[key]
+    if raw is None:  # `resources: null` drops the defaults: no requests, no limits
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ValuesError(path, f"expected a mapping with keys requests, limits, got {raw!r}")
+    _check_keys(raw, path, ("requests", "limits"))
+    merged: dict[str, dict[str, str]] = {}
+    given: set[str] = set()  # the paths the file set, to name the one to change
+    for kind in ("requests", "limits"):
+        entries = dict(default.get(kind, {}))
+        if kind in raw:
+            sub = raw[kind]
+            if sub is None:
+                entries = {}
+            elif not isinstance(sub, Mapping):
+                raise ValuesError(f"{path}.{kind}", f"expected a mapping of resource to quantity, got {sub!r}")
+            else:
+                for name, quantity in sub.items():
+                    entry_path = f"{path}.{kind}.{name}"
+                    name = _resource_name(entry_path, name)
+                    if quantity is None:
+                        entries.pop(name, None)
+                    else:
+                        entries[name] = _quantity(entry_path, quantity)
+                        given.add(entry_path)
+        if entries:
+            merged[kind] = entries
+    limits = merged.get("limits", {})
+    for name, request in merged.get("requests", {}).items():
+        if name in limits and parse_quantity(request) > parse_quantity(limits[name]):
+            request_path, limit_path = f"{path}.requests.{name}", f"{path}.limits.{name}"
+            if limit_path in given and request_path not in given:
+                raise ValuesError(limit_path, f"{limits[name]} is below the request {request} "
+                                              f"({request_path}{'' if request_path in given else ' by default'})")
+            raise ValuesError(request_path, f"{request} is above the limit {limits[name]} "
+                                            f"({limit_path}{'' if limit_path in given else ' by default'}; "
+                                            f"raise it, or set it to null to drop it)")
+    return merged
+
+
+# A portable environment variable name (Kubernetes' classic rule: C identifiers plus '-' and '.').
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+
+
+def _envs(parent: Mapping[str, Any], path: str, default: Mapping[str, str]) -> dict[str, str]:
+    """``envs`` merged onto ``default``: name -> value as the container gets it (a string)."""
+    if "envs" not in parent:
+        return dict(default)
+    raw = parent["envs"]
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ValuesError(path, f"expected a mapping of variable name to value, got {raw!r}")
+    merged = dict(default)
+    for name, value in raw.items():
+        entry_path = f"{path}.{name}"
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise ValuesError(entry_path, "not a valid environment variable name (letters, digits, '_', '-', '.'; "
+                                          "not starting with a digit)")
+        if name in RESERVED_ENVS:
+            raise ValuesError(entry_path, RESERVED_ENVS[name])
+        if value is None:
+            merged.pop(name, None)
+        elif isinstance(value, bool):  # Helm's `quote` writes YAML's true as "true"
+            merged[name] = "true" if value else "false"
+        elif isinstance(value, int | float | str):
+            merged[name] = str(value)
+        else:
+            raise ValuesError(entry_path, f"expected a string, got {value!r}")
+    return merged

@@ -59,7 +59,7 @@ from typing import Any
 from extproc_router.simulator.config import EngineConfig
 from extproc_router.simulator.kv_cache import KVCache
 from extproc_router.simulator.kv_events import Event, KVEventRecorder
-from extproc_router.simulator.sequence import Sequence, count_by_model
+from extproc_router.simulator.sequence import Sequence, count_by_model, lora_names
 
 __all__ = ["BatchingEngine", "KVSequence"]
 
@@ -96,6 +96,7 @@ class KVSequence(Sequence):
         "blocks",
         "hold_kv",
         "kv_len",
+        "lora_id",
         "prefill_only",
         "produced",
         "state",
@@ -115,6 +116,8 @@ class KVSequence(Sequence):
         kv_transferred: bool = False,
         hold_kv: bool = False,
         token_ids: list[int] | None = None,
+        lora: str | None = None,
+        lora_id: int | None = None,
     ) -> None:
         if hold_kv and not prefill_only:
             raise ValueError("hold_kv is for prefill_only sequences")
@@ -124,7 +127,10 @@ class KVSequence(Sequence):
             1 if prefill_only else output_tokens,
             num_choices,
             kv_transferred=kv_transferred,
+            lora=lora,
         )
+        self.lora_id = lora_id
+        """The adapter's integer id (vLLM's ``lora_int_id``), reported with its blocks in KV events."""
         self.block_hashes = block_hashes
         """Chained hashes of the prompt's full blocks (`simulator.tokenizer.block_hashes`)."""
         self.token_ids = token_ids
@@ -249,6 +255,12 @@ class BatchingEngine:
     def waiting_by_model(self) -> dict[str, int]:
         """Waiting sequence count per model name."""
         return count_by_model(self._waiting)
+
+    def running_loras(self) -> list[str]:
+        return lora_names(self._running)
+
+    def waiting_loras(self) -> list[str]:
+        return lora_names(self._waiting)
 
     def prefix_cache_by_model(self) -> dict[str, tuple[int, int]]:
         """(prompt tokens queried, prompt tokens found cached) per model since the last reset."""
@@ -624,6 +636,8 @@ class BatchingEngine:
                     hashes[run_start - 1] if run_start else None,
                     tokens[run_start * block_size : b * block_size] if tokens is not None else [],
                     block_size,
+                    lora_id=seq.lora_id,
+                    lora_name=seq.lora,
                 )
                 run_start = None
 

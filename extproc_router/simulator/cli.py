@@ -25,6 +25,7 @@ from extproc_router.simulator.config import (
     KVEventsConfig,
     SimConfig,
     kv_events_config_from_json,
+    parse_lora_modules,
 )
 
 log = logging.getLogger("simulator")
@@ -71,6 +72,14 @@ message [topic, 8-byte big-endian sequence number, payload]. --kv-events-replay-
 vLLM's ROUTER replay socket: send a start sequence number (8 bytes big-endian), get the buffered
 batches from it, then an end marker (sequence -1, empty payload). The simulator binds both
 endpoints (port 0: any free port, logged); vLLM would connect a PUB endpoint that names a host.
+
+LoRA adapters, as vLLM serves them: --lora-modules name=path ... loads adapters at start (implies
+--enable-lora); with --enable-lora, POST /v1/load_lora_adapter {"lora_name", "lora_path"} and POST
+/v1/unload_lora_adapter {"lora_name"} change them at run time. A request whose model is an adapter
+runs on the base model (metrics count there), is answered under the adapter's name, and its KV
+blocks are the adapter's own (block hashes salted by its name; KV events carry lora_id and
+lora_name). /v1/models lists each adapter with its base model as parent and its path as root, and
+vllm:lora_requests_info names the adapters of running and waiting requests.
 """
 
 
@@ -99,6 +108,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="served model name; repeat or comma-separate for several (default: sim-model)",
     )
     net.add_argument("--pod-name", help="name sent in the x-sim-pod header (default: <hostname>-<port>)")
+
+    lora = parser.add_argument_group("LoRA adapters")
+    lora.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters: runtime loading (POST /v1/load_lora_adapter, /v1/unload_lora_adapter) and "
+        "vllm:lora_requests_info",
+    )
+    lora.add_argument(
+        "--lora-modules",
+        nargs="+",
+        action="extend",
+        metavar="NAME=PATH",
+        default=None,
+        help='adapters served from the start (implies --enable-lora): name=path or vLLM\'s JSON form {"name": ..., '
+        '"path": ..., "base_model_name": ...}; the simulator reads nothing at PATH',
+    )
+    lora.add_argument("--max-loras", type=positive_int, default=1, help="vLLM's max_loras, reported as max_lora")
     net.add_argument(
         "--shutdown-grace-s",
         type=non_negative_float,
@@ -285,10 +312,17 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     models: list[str] = []
     for value in args.model or ["sim-model"]:
         models.extend(name.strip() for name in value.split(",") if name.strip())
+    lora_modules = parse_lora_modules(args.lora_modules or [])
+    clash = sorted(m.name for m in lora_modules if m.name in models)
+    if clash:
+        raise ValueError(f"--lora-modules: {', '.join(clash)} is also a --model name")
     bootstrap_port = args.bootstrap_port
     if bootstrap_port is None:
         bootstrap_port = DEFAULT_BOOTSTRAP_PORT if args.role == "prefill" else 0
     return SimConfig(
+        enable_lora=args.enable_lora,
+        lora_modules=lora_modules,
+        max_loras=args.max_loras,
         kv_events=kv_events_from_args(args),
         models=list(dict.fromkeys(models)),
         pod_name=args.pod_name,

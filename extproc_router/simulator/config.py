@@ -170,6 +170,48 @@ def check_zmq_endpoint(endpoint: str, what: str = "endpoint") -> None:
         raise ValueError(f"{what} {endpoint!r}: expected tcp://HOST:PORT with PORT 0-65535 or *")
 
 
+@dataclass(frozen=True, slots=True)
+class LoraModule:
+    """A LoRA adapter a pod serves (vLLM's ``--lora-modules`` entry, or a runtime load)."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+    """The base model it is listed under (``parent``); None or an unknown name: the pod's first model."""
+
+
+def parse_lora_modules(values: list[str]) -> list[LoraModule]:
+    """vLLM's ``--lora-modules`` values: ``name=path`` or the JSON form ``{"name": ..., "path": ...,
+    "base_model_name": ...}``. ValueError for anything else, or a name given twice."""
+    modules: dict[str, LoraModule] = {}
+    for value in values:
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                data: Any = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--lora-modules: {value!r} is not valid JSON: {exc}") from None
+            unknown = sorted(set(data) - {"name", "path", "base_model_name"}) if isinstance(data, dict) else []
+            if not isinstance(data, dict) or unknown:
+                raise ValueError(f"--lora-modules: {value!r}: expected an object with name, path and optional "
+                                 "base_model_name")
+            name, path, base = data.get("name"), data.get("path"), data.get("base_model_name")
+            if not (isinstance(name, str) and name and isinstance(path, str) and path) or (
+                base is not None and not isinstance(base, str)
+            ):
+                raise ValueError(f"--lora-modules: {value!r}: name and path must be non-empty strings")
+            module = LoraModule(name, path, base or None)
+        else:
+            name, sep, path = text.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"--lora-modules: {value!r} is not name=path or a JSON object")
+            module = LoraModule(name.strip(), path.strip())
+        if module.name in modules:
+            raise ValueError(f"--lora-modules: adapter {module.name!r} is given twice")
+        modules[module.name] = module
+    return list(modules.values())
+
+
 Role = Literal["combined", "prefill", "decode"]
 """A pod's part in prefill/decode disaggregation (`simulator.disagg`)."""
 
@@ -229,6 +271,15 @@ class SimConfig:
     kv_events: KVEventsConfig | None = None
     """Publish vLLM's KV-cache events (BlockStored, BlockRemoved, AllBlocksCleared) over ZeroMQ as the
     prefix cache changes; model timing only. None: no events."""
+    enable_lora: bool = False
+    """Serve LoRA adapters (vLLM's ``--enable-lora``): ``/v1/load_lora_adapter`` and
+    ``/v1/unload_lora_adapter`` work, and ``vllm:lora_requests_info`` is exported. Implied by
+    ``lora_modules``."""
+    lora_modules: list[LoraModule] = field(default_factory=list)
+    """Adapters loaded at start (vLLM's ``--lora-modules``)."""
+    max_loras: int = 1
+    """vLLM's ``--max-loras``: reported as the ``max_lora`` label only (the simulated engine has no
+    per-batch adapter slots)."""
 
     def engine_config(self) -> EngineConfig:
         """The engine part of the configuration, in seconds."""

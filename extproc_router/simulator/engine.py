@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from extproc_router.simulator.batching import BatchingEngine
 from extproc_router.simulator.config import EngineConfig
-from extproc_router.simulator.sequence import Sequence, count_by_model
+from extproc_router.simulator.sequence import Sequence, count_by_model, lora_names
 
 # EngineConfig (simulator.config) and Sequence (simulator.sequence) are defined where both engines
 # can import them without importing each other; this module is where the HTTP layer finds them.
@@ -58,6 +58,14 @@ class SimEngine(Protocol):
     def running_by_model(self) -> dict[str, int]: ...
 
     def waiting_by_model(self) -> dict[str, int]: ...
+
+    def running_loras(self) -> list[str]:
+        """LoRA adapters of the running sequences."""
+        ...
+
+    def waiting_loras(self) -> list[str]:
+        """LoRA adapters of the waiting sequences."""
+        ...
 
     def prefix_cache_by_model(self) -> dict[str, tuple[int, int]]:
         """(prompt tokens queried, prompt tokens hit) per model since the last reset."""
@@ -149,6 +157,12 @@ class Engine:
     def waiting_by_model(self) -> dict[str, int]:
         """Waiting sequence count per model name."""
         return count_by_model(seq for seq, _ in self._waiting)
+
+    def running_loras(self) -> list[str]:
+        return lora_names(self._running)
+
+    def waiting_loras(self) -> list[str]:
+        return lora_names(seq for seq, _ in self._waiting)
 
     def prefix_cache_by_model(self) -> dict[str, tuple[int, int]]:
         """(prompt tokens queried, 0) per model: fixed timing has no prefix cache, so nothing hits."""

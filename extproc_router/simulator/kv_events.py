@@ -11,7 +11,8 @@ follow a simulated pod:
   the chained hashes of consecutive blocks (unsigned 64-bit integers, vLLM's default
   ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1``), ``parent_block_hash`` the hash of the block just
   before the first one (None at the start of a prompt), ``token_ids`` the tokens of those blocks,
-  ``block_size``; ``lora_id`` and ``lora_name`` are None, ``medium`` is ``"GPU"``;
+  ``block_size``; ``lora_id`` and ``lora_name`` the LoRA adapter's id and name for an adapter's
+  blocks (None for the base model's), ``medium`` is ``"GPU"``;
 * ``BlockRemoved``: cached blocks were evicted (``block_hashes``, ``medium``);
 * ``AllBlocksCleared``: the whole prefix cache was dropped (``POST /sim/reset``, and once at start).
 
@@ -45,7 +46,8 @@ MEDIUM_GPU = "GPU"
 """vLLM's ``MEDIUM_GPU``: the tier the simulated cache stands for."""
 
 Event = tuple[Any, ...]
-"""``(BLOCK_STORED, hashes, parent, token_ids, block_size)``, ``(BLOCK_REMOVED, hashes)``, ``(ALL_BLOCKS_CLEARED,)``."""
+"""``(BLOCK_STORED, hashes, parent, token_ids, block_size, lora_id, lora_name)``, ``(BLOCK_REMOVED, hashes)``,
+``(ALL_BLOCKS_CLEARED,)``."""
 
 
 class KVEventRecorder:
@@ -56,9 +58,19 @@ class KVEventRecorder:
     def __init__(self) -> None:
         self.pending: list[Event] = []
 
-    def stored(self, block_hashes: list[int], parent: int | None, token_ids: list[int], block_size: int) -> None:
-        """Consecutive full blocks entered the cache; ``parent`` is the hash of the block before the first."""
-        self.pending.append((BLOCK_STORED, block_hashes, parent, token_ids, block_size))
+    def stored(
+        self,
+        block_hashes: list[int],
+        parent: int | None,
+        token_ids: list[int],
+        block_size: int,
+        *,
+        lora_id: int | None = None,
+        lora_name: str | None = None,
+    ) -> None:
+        """Consecutive full blocks entered the cache; ``parent`` is the hash of the block before the first.
+        ``lora_id`` / ``lora_name``: the LoRA adapter whose request computed them (None: the base model)."""
+        self.pending.append((BLOCK_STORED, block_hashes, parent, token_ids, block_size, lora_id, lora_name))
 
     def removed(self, block_hashes: list[int]) -> None:
         """Cached blocks were evicted."""
@@ -77,16 +89,16 @@ class KVEventRecorder:
 def _as_map(event: Event) -> dict[str, Any]:
     kind = event[0]
     if kind == BLOCK_STORED:
-        _, hashes, parent, tokens, block_size = event
+        _, hashes, parent, tokens, block_size, lora_id, lora_name = event
         return {
             "type": BLOCK_STORED,
             "block_hashes": hashes,
             "parent_block_hash": parent,
             "token_ids": tokens,
             "block_size": block_size,
-            "lora_id": None,
+            "lora_id": lora_id,
             "medium": MEDIUM_GPU,
-            "lora_name": None,
+            "lora_name": lora_name,
             "extra_keys": [None] * len(hashes),
             "group_idx": 0,
             "kv_cache_spec_kind": "full_attention",
@@ -99,8 +111,8 @@ def _as_map(event: Event) -> dict[str, Any]:
 def _as_array(event: Event) -> list[Any]:
     kind = event[0]
     if kind == BLOCK_STORED:
-        _, hashes, parent, tokens, block_size = event
-        return [BLOCK_STORED, hashes, parent, tokens, block_size, None, MEDIUM_GPU, None]
+        _, hashes, parent, tokens, block_size, lora_id, lora_name = event
+        return [BLOCK_STORED, hashes, parent, tokens, block_size, lora_id, MEDIUM_GPU, lora_name]
     if kind == BLOCK_REMOVED:
         return [BLOCK_REMOVED, event[1], MEDIUM_GPU]
     return [ALL_BLOCKS_CLEARED]

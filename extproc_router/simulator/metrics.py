@@ -8,6 +8,7 @@ one process.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -20,6 +21,9 @@ from extproc_router.simulator.engine import SimEngine
 
 # vLLM serves the 0.0.4 text format; routers' parsers expect it.
 CONTENT_TYPE: str = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
+
+LORA_SERIES_KEPT = 256
+"""``vllm:lora_requests_info`` label sets kept (vLLM keeps every one it ever set; the oldest go here)."""
 
 # vLLM's own bucket boundaries for time_to_first_token_seconds.
 TTFT_BUCKETS = (
@@ -51,8 +55,12 @@ class ModelCounters:
 class SimMetrics:
     """The metrics of one simulated pod, rendered in Prometheus text format."""
 
-    def __init__(self, engine: SimEngine, models: Iterable[str]) -> None:
+    def __init__(self, engine: SimEngine, models: Iterable[str], max_loras: int | None = None) -> None:
         self.models = tuple(models)
+        self.max_loras = max_loras
+        """vLLM's ``max_loras`` with LoRA enabled (``vllm:lora_requests_info`` is exported); None: disabled."""
+        self.lora_series: dict[tuple[str, str], float] = {}
+        """(waiting, running) adapter lists, comma-joined -> when that label set was last current."""
         self.counters = {m: ModelCounters() for m in self.models}
         self.registry = CollectorRegistry(auto_describe=False)
         self._ttft = Histogram(
@@ -72,6 +80,7 @@ class SimMetrics:
     def reset(self) -> None:
         """Zero every counter and the TTFT histogram (``POST /sim/reset``)."""
         self.counters = {m: ModelCounters() for m in self.models}
+        self.lora_series.clear()
         self._ttft.clear()
         self._ttft_by_model = {m: self._ttft.labels(model_name=m) for m in self.models}
 
@@ -194,6 +203,9 @@ class _StateCollector(Collector):
         info.add_metric(self._cache_info, 1.0)
         yield info
 
+        if self._metrics.max_loras is not None:
+            yield self._lora_info()
+
         # KV holds belong to the pod's one cache, not to a model (model timing only; zero in fixed).
         holds = engine.hold_stats()
         yield GaugeMetricFamily(
@@ -208,3 +220,24 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "sim:kv_holds_expired", "KV holds dropped unfetched after --kv-hold-seconds.", value=holds["holds_expired"]
         )
+
+    def _lora_info(self) -> Metric:
+        """vLLM's ``vllm:lora_requests_info``: the adapters of the running and waiting requests (comma-
+        separated) and ``max_lora`` as labels, the value the time that label set was last current.
+        Like vLLM's gauge, a label set once seen stays exported with its last time; readers take
+        the newest. The current one is set to now at every scrape (vLLM sets it at every step)."""
+        engine, metrics = self._engine, self._metrics
+        series = metrics.lora_series
+        current = (",".join(engine.waiting_loras()), ",".join(engine.running_loras()))
+        series.pop(current, None)  # re-inserted last: the dict stays oldest-first
+        series[current] = time.time()
+        while len(series) > LORA_SERIES_KEPT:
+            del series[next(iter(series))]
+        gauge = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+        )
+        for (waiting, running), when in series.items():
+            gauge.add_metric([str(metrics.max_loras), waiting, running], when)
+        return gauge

@@ -19,6 +19,7 @@ class Sequence:
         "held_block_ids",
         "hold_id",
         "kv_transferred",
+        "lora",
         "model",
         "num_choices",
         "output_tokens",
@@ -34,8 +35,11 @@ class Sequence:
         num_choices: int = 1,
         *,
         kv_transferred: bool = False,
+        lora: str | None = None,
     ) -> None:
         self.model = model
+        self.lora = lora
+        """The LoRA adapter the request asked for (its name); None: the base model."""
         self.prompt_tokens = prompt_tokens
         self.output_tokens = output_tokens
         """Tokens to generate per choice."""
@@ -64,6 +68,11 @@ class Sequence:
     def kv_tokens(self) -> int:
         """Tokens this sequence currently holds in the KV cache."""
         return self.prompt_tokens + self.generated * self.num_choices
+
+
+def lora_names(seqs: Iterable[Sequence]) -> list[str]:
+    """The distinct adapters of ``seqs``, in first-seen order (as vLLM lists them in lora_requests_info)."""
+    return list(dict.fromkeys(seq.lora for seq in seqs if seq.lora is not None))
 
 
 def count_by_model(seqs: Iterable[Sequence]) -> dict[str, int]:

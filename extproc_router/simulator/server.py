@@ -7,7 +7,10 @@ disaggregation fields and SGLang bootstrap rooms in `simulator.disagg`; this mod
 to routes, fault injection and the test-facing ``/sim/*`` endpoints (``/sim/kv/*`` being the
 prefill pod's side of disaggregation: room lookups and hold releases, also served on the
 bootstrap listener of ``SimConfig.bootstrap_port``). With ``SimConfig.kv_events`` the pod also
-publishes vLLM's KV-cache events (`simulator.kv_publisher`).
+publishes vLLM's KV-cache events (`simulator.kv_publisher`). LoRA adapters (``SimConfig.lora_modules``,
+``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``) are served as vLLM serves them: listed in
+``/v1/models`` with their ``parent``, named in ``vllm:lora_requests_info`` while in use, their
+requests run on the base model with KV blocks of their own.
 
 Programmatic use (tests, local stack)::
 
@@ -34,7 +37,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
 from extproc_router.simulator.batching import KVSequence
-from extproc_router.simulator.config import SimConfig
+from extproc_router.simulator.config import LoraModule, SimConfig
 from extproc_router.simulator.disagg import (
     MAX_WAIT_S,
     RELEASE_PATH,
@@ -137,7 +140,17 @@ class SimServer:
         self.kv_events: KVEventPublisher | None = None
         """The KV events publisher once started (``SimConfig.kv_events``); its ``endpoint`` and
         ``replay_endpoint`` are the bound addresses."""
-        self.metrics = SimMetrics(self.engine, self.models)
+        self.lora_enabled = config.enable_lora or bool(config.lora_modules)
+        """vLLM's ``--enable-lora``: adapters can be loaded, and ``vllm:lora_requests_info`` is exported."""
+        self.adapters: dict[str, LoraModule] = {}
+        """The LoRA adapters served now, in load order (``--lora-modules`` first, then runtime loads)."""
+        self._lora_ids: dict[str, int] = {}
+        self._next_lora_id = 0
+        for module in config.lora_modules:
+            error = self.load_adapter(module)
+            if error is not None:
+                raise ValueError(error.message)
+        self.metrics = SimMetrics(self.engine, self.models, config.max_loras if self.lora_enabled else None)
         self.faults = Faults(fail_every=config.fail_every, stall=config.stall, unhealthy=config.unhealthy)
         self.stats = SimStats()
         self.died = asyncio.Event()
@@ -148,12 +161,6 @@ class SimServer:
         self._unstalled = asyncio.Event()
         if not self.faults.stall:
             self._unstalled.set()
-        self._models_body = orjson.dumps(
-            {
-                "object": "list",
-                "data": [{"id": m, "object": "model", "created": 0, "owned_by": "vllm"} for m in self.models],
-            }
-        )
         self._id_base = uuid.uuid4().hex[:24]
         self._request_counter = 0
         self._answers = 0
@@ -309,6 +316,8 @@ class SimServer:
         app.router.add_post("/v1/completions", self._completions)
         self._add_api_routes(app)
         app.router.add_get("/v1/models", self._list_models)
+        app.router.add_post("/v1/load_lora_adapter", self._load_lora)
+        app.router.add_post("/v1/unload_lora_adapter", self._unload_lora)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/sim/stats", self._get_stats)
@@ -323,7 +332,84 @@ class SimServer:
         response.headers[POD_HEADER] = self.pod_name
 
     async def _list_models(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._models_body, headers=_JSON_HEADERS)
+        return web.Response(body=orjson.dumps(self.models_list()), headers=_JSON_HEADERS)
+
+    def models_list(self) -> dict[str, Any]:
+        """vLLM's ``/v1/models``: the served model names (``parent`` null), then every loaded LoRA
+        adapter with its base model as ``parent`` and its path as ``root``."""
+        cards = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "vllm", "root": m, "parent": None}
+            for m in self.models
+        ]
+        cards += [
+            {"id": a.name, "object": "model", "created": 0, "owned_by": "vllm", "root": a.path,
+             "parent": self._adapter_parent(a)}
+            for a in self.adapters.values()
+        ]  # fmt: skip
+        return {"object": "list", "data": cards}
+
+    def _adapter_parent(self, adapter: LoraModule) -> str:
+        # As vLLM: the base model named at load time when it is one of ours, else the first served name.
+        base = adapter.base_model_name
+        return base if base in self.models else self.models[0]
+
+    def load_adapter(self, module: LoraModule) -> RequestError | None:
+        """Serve ``module`` from now on (vLLM's ``/v1/load_lora_adapter``); the error vLLM would answer."""
+        if not self.lora_enabled:
+            return RequestError(400, "LoRA is not enabled. Use --enable-lora to enable LoRA.", type_="BadRequestError")
+        if not module.name or not module.path:
+            return RequestError(400, "Both 'lora_name' and 'lora_path' must be provided.", type_="InvalidUserInput")
+        if module.name in self.adapters:
+            return RequestError(
+                400, f"The lora adapter '{module.name}' has already been loaded.", type_="InvalidUserInput"
+            )
+        if module.name in self.models:
+            return RequestError(
+                400, f"The lora adapter name '{module.name}' is a served model name.", type_="InvalidUserInput"
+            )
+        self._next_lora_id += 1
+        self.adapters[module.name] = module
+        self._lora_ids[module.name] = self._next_lora_id
+        return None
+
+    def unload_adapter(self, name: str) -> RequestError | None:
+        """Stop serving adapter ``name`` (vLLM's ``/v1/unload_lora_adapter``); the error vLLM would answer."""
+        if not name:
+            return RequestError(
+                400, "either 'lora_name' and 'lora_int_id' needs to be provided.", type_="InvalidUserInput"
+            )
+        if self.adapters.pop(name, None) is None:
+            return RequestError(404, f"The lora adapter '{name}' cannot be found.", type_="NotFoundError")
+        self._lora_ids.pop(name, None)
+        return None
+
+    async def _load_lora(self, request: web.Request) -> web.Response:
+        try:
+            body = await _json_object(request)
+        except RequestError as err:
+            return _error_response(err)
+        name, path, base = body.get("lora_name"), body.get("lora_path"), body.get("base_model_name")
+        if not isinstance(name, str) or not isinstance(path, str) or (base is not None and not isinstance(base, str)):
+            return _error_response(
+                RequestError(400, "Both 'lora_name' and 'lora_path' must be provided.", type_="InvalidUserInput")
+            )
+        error = self.load_adapter(LoraModule(name, path, base or None))
+        if error is not None:
+            return _error_response(error)
+        log.info("sim pod=%s: loaded LoRA adapter %s (%s)", self.pod_name, name, path)
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def _unload_lora(self, request: web.Request) -> web.Response:
+        try:
+            body = await _json_object(request)
+        except RequestError as err:
+            return _error_response(err)
+        name = body.get("lora_name")
+        error = self.unload_adapter(name if isinstance(name, str) else "")
+        if error is not None:
+            return _error_response(error)
+        log.info("sim pod=%s: unloaded LoRA adapter %s", self.pod_name, name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=503 if self.faults.unhealthy else 200)
@@ -336,6 +422,7 @@ class SimServer:
         body.update(
             pod=self.pod_name,
             models=list(self.models),
+            adapters=list(self.adapters),
             role=self.config.role,
             bootstrap_port=self.bootstrap_port,
             rooms=len(self.rooms),
@@ -557,6 +644,10 @@ class SimServer:
                 disagg = parse_disagg(body, self.config.role)
             except RequestError as err:
                 return await self._answer(request, _error_response(err, api))
+            # An adapter's request runs on the base model: its metrics count there (as vLLM's model_name
+            # label does) while the answer names the adapter and its KV blocks are its own.
+            lora = model if model in self.adapters else None
+            served = self._adapter_parent(self.adapters[model]) if lora is not None else model
             sent_fields = transfer_fields(body)
             if sent_fields:
                 stats.last_transfer_fields = sent_fields
@@ -576,7 +667,7 @@ class SimServer:
             # A prefill half stops after its first token whatever max_tokens says (as SGLang's does).
             output_tokens = 1 if prefill else self._output_tokens(creq)
             finish_reason = "length" if prefill or output_tokens == creq.max_tokens else "stop"
-            seq = self._sequence(kind, body, creq, model, output_tokens, disagg)
+            seq = self._sequence(kind, body, creq, served, output_tokens, disagg, lora)
             too_long = self.engine.admission_error(seq)
             if too_long is not None:
                 err = RequestError(400, too_long, param="max_tokens", code="context_length_exceeded")
@@ -586,7 +677,7 @@ class SimServer:
                 try:
                     await self.peers.await_room(disagg, self.config.bootstrap_timeout_s)
                 except BootstrapError as exc:
-                    self.metrics.counters[model].bootstrap_timeouts += 1
+                    self.metrics.counters[served].bootstrap_timeouts += 1
                     err = RequestError(503, str(exc), type_="service_unavailable", code=exc.code)
                     return await self._answer(request, _error_response(err, api))
             prefix = api.id_prefix if api is not None else "chatcmpl-" if kind == "chat" else "cmpl-"
@@ -631,7 +722,7 @@ class SimServer:
         creq = parse_request(kind, body)
         # Like vLLM, a request without "model" goes to the (first) served model.
         model = creq.model or self.models[0]
-        if model not in self.models:
+        if model not in self.models and model not in self.adapters:
             raise RequestError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         return creq, model, body
 
@@ -643,23 +734,29 @@ class SimServer:
         model: str,
         output_tokens: int,
         disagg: Disagg | None,
+        lora: str | None = None,
     ) -> Sequence:
-        """The engine's view of a request; under model timing, with the prompt's block hashes."""
+        """The engine's view of a request; under model timing, with the prompt's block hashes (an
+        adapter's salted by its name)."""
         transferred = disagg is not None and disagg.decode
         if self.config.timing != "model":
-            return Sequence(model, creq.prompt_tokens, output_tokens, creq.num_choices, kv_transferred=transferred)
+            return Sequence(
+                model, creq.prompt_tokens, output_tokens, creq.num_choices, kv_transferred=transferred, lora=lora
+            )
         ids = _prompt_ids(kind, body, self.config.tokenizer)
         prefill = disagg is not None and disagg.prefill
         return KVSequence(
             model,
             len(ids),
-            block_hashes(ids, self.config.block_size),
+            block_hashes(ids, self.config.block_size, lora),
             output_tokens,
             creq.num_choices,
             prefill_only=prefill,
             kv_transferred=transferred,
             hold_kv=prefill,
             token_ids=ids if self.kv_events is not None else None,
+            lora=lora,
+            lora_id=self._lora_ids.get(lora) if lora is not None else None,
         )
 
     def _output_tokens(self, creq: CompletionRequest) -> int:

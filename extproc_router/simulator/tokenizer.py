@@ -188,13 +188,17 @@ class _Cl100k:
 # ----------------------------------------------------------------------------- block hashing
 
 
-def block_hashes(tokens: Sequence[int], block_size: int) -> list[int]:
+def block_hashes(tokens: Sequence[int], block_size: int, lora: str | None = None) -> list[int]:
     """Chained 64-bit hashes of the full ``block_size``-token blocks of ``tokens``.
 
     Block i's hash is ``xxh3_64(parent hash as 8 little-endian bytes + the block's token ids as
     uint32 little-endian)``, the parent of block 0 being 0; so a hash identifies the whole prefix
     up to the end of its block, not just the block. A trailing partial block is not hashed (vLLM
     only caches full blocks). Token ids must lie in 0..2**32-1.
+
+    A LoRA adapter's request (``lora``: its name) starts the chain from a hash of that name instead:
+    as in vLLM, whose block hashes include the adapter, its KV blocks are never the base model's nor
+    another adapter's, whatever the tokens.
     """
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
@@ -210,7 +214,7 @@ def block_hashes(tokens: Sequence[int], block_size: int) -> list[int]:
     data = packed.tobytes()
     stride = block_size * packed.itemsize
     digest = xxhash.xxh3_64_intdigest
-    parent = _ROOT_HASH
+    parent = _ROOT_HASH if lora is None else digest(b"lora\x00" + lora.encode("utf-8", "surrogatepass"))
     hashes: list[int] = []
     for offset in range(0, len(data), stride):
         parent = digest(parent.to_bytes(8, "little") + data[offset : offset + stride])

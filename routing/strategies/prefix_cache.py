@@ -280,7 +280,8 @@ class PrefixCacheStrategy:
         precise = None
         if kv is not None and kv.precise_count:  # 0 while no pod publishes events: no cost at all
             try:
-                precise = kv.match(request.model, request.body, keys)
+                # Salted by the request's model (an adapter's own name), tokenized as the pods' engine.
+                precise = kv.match(request.model, request.body, keys, engine_model=pods[0].model if pods else None)
             except (ValueError, UnicodeError):
                 _count(self.errors, (request.model, "engine_tokenize_failed"))
             if precise is not None:

@@ -4,9 +4,11 @@
   wrapper drops the exit code), then its normalised model cross-checked against our CLI, the
   routers' pod file and the rendered Envoy config;
 * the Dockerfile by the official BuildKit parser (the `dockerfile` package);
-* deploy/kubernetes/ against the Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown
-  fields are errors), then cross-checked: selectors, ports, RBAC, env, the Envoy ConfigMap;
-* the generated Envoy configs are current (deploy/render.py --check) and pass `envoy --mode validate`.
+* deploy/kubernetes/ (the rendering of `extproc-router manifests`' defaults) against the Kubernetes
+  OpenAPI schemas (kubernetes-validate, strict: unknown fields are errors), then cross-checked:
+  selectors, ports, RBAC, env, the Envoy ConfigMap;
+* every generated file is current (deploy/render.py --check) and the Envoy configs pass
+  `envoy --mode validate`. tests/integration/test_manifests.py checks `manifests` with other values.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from extproc_router.cli import build_parser
 from extproc_router.discovery.kubernetes import pod_from_object
 from extproc_router.discovery.static_file import read_pod_file
 from extproc_router.envoyconfig.render import EXTPROC_CLUSTER, LISTENER_NAME, ROUTER_HTTP_CLUSTER
+from extproc_router.envoyconfig.values import BODY_LIMIT_HEADROOM_BYTES
+from extproc_router.manifests import Names
 from extproc_router.stack import envoy_binary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -204,7 +208,7 @@ def test_compose_services_fit_together(compose_model: dict[str, Any]) -> None:
     assert [(p["host_ip"], p["target"]) for p in envoy["ports"]] == [("127.0.0.1", listen_port)]
 
 
-def test_generated_envoy_configs_are_current_and_valid(tmp_path: Path) -> None:
+def test_generated_files_are_current_and_envoy_configs_valid(tmp_path: Path) -> None:
     render = load_render_script()
     stale = render.stale_files()
     assert not stale, f"out of date (run `make deploy-configs`): {[str(p.relative_to(REPO)) for p in stale]}"
@@ -327,8 +331,8 @@ def test_selectors_ports_and_namespaces_fit(manifests: list[dict[str, Any]]) -> 
                     assert c[probe]["httpGet"]["port"] in names, f"{dep['metadata']['name']} {probe}"
 
 
-def test_router_may_only_read_pods(manifests: list[dict[str, Any]]) -> None:
-    router = one(manifests, "Deployment", "extproc-router")
+def test_router_may_only_read_pods_and_model_adapters(manifests: list[dict[str, Any]]) -> None:
+    router = one(manifests, "Deployment", Names().router)
     sa_name = router["spec"]["template"]["spec"]["serviceAccountName"]
     sa = one(manifests, "ServiceAccount", sa_name)
     (binding,) = find(manifests, "ClusterRoleBinding")
@@ -337,12 +341,13 @@ def test_router_may_only_read_pods(manifests: list[dict[str, Any]]) -> None:
     assert binding["roleRef"]["kind"] == "ClusterRole"
     role = one(manifests, "ClusterRole", binding["roleRef"]["name"])
     assert [(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in role["rules"]] == \
-        [([""], ["pods"], ["get", "list", "watch"])]
+        [([""], ["pods"], ["get", "list", "watch"]),
+         (["model.aibrix.ai"], ["modeladapters"], ["get", "list", "watch"])]
     assert not find(manifests, "Role") and not find(manifests, "RoleBinding")
 
 
 def test_router_deployment(manifests: list[dict[str, Any]]) -> None:
-    router = one(manifests, "Deployment", "extproc-router")
+    router = one(manifests, "Deployment", Names().router)
     pod = router["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == OUR_IMAGE
@@ -362,7 +367,7 @@ def test_router_deployment(manifests: list[dict[str, Any]]) -> None:
 
 
 def test_envoy_uses_the_rendered_config_and_reaches_the_routers(manifests: list[dict[str, Any]]) -> None:
-    envoy = one(manifests, "Deployment", "envoy")
+    envoy = one(manifests, "Deployment", Names().envoy)
     pod = envoy["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == ENVOY_IMAGE
@@ -373,7 +378,7 @@ def test_envoy_uses_the_rendered_config_and_reaches_the_routers(manifests: list[
     assert config_path == f"{mount['mountPath']}/envoy.yaml"
     bootstrap = yaml.safe_load(configmap["data"]["envoy.yaml"])
 
-    svc = one(manifests, "Service", "extproc-router")
+    svc = one(manifests, "Service", Names().router)
     assert svc["spec"]["clusterIP"] == "None"  # headless: DNS gives Envoy every ready replica
     dns = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"
     svc_ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
@@ -382,6 +387,11 @@ def test_envoy_uses_the_rendered_config_and_reaches_the_routers(manifests: list[
     assert clusters[ROUTER_HTTP_CLUSTER] == {(dns, svc_ports["http"])}
     host, port = envoy_listener(bootstrap)
     assert host == "0.0.0.0" and [p["containerPort"] for p in container["ports"]] == [port]
+    # The router's body limit is Envoy's bufferLimit (Envoy buffers the headroom on top of it).
+    (router,) = one(manifests, "Deployment", Names().router)["spec"]["template"]["spec"]["containers"]
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    assert parse_cli(router["args"]).max_body_bytes + BODY_LIMIT_HEADROOM_BYTES == \
+        listener["per_connection_buffer_limit_bytes"]
 
 
 def test_demo_model_pods_are_what_discovery_routes_to(manifests: list[dict[str, Any]]) -> None:

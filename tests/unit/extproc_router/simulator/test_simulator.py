@@ -304,8 +304,8 @@ async def test_models_endpoint(start: StartSim, http: aiohttp.ClientSession) -> 
     assert body == {
         "object": "list",
         "data": [
-            {"id": "m1", "object": "model", "created": 0, "owned_by": "vllm"},
-            {"id": "m2", "object": "model", "created": 0, "owned_by": "vllm"},
+            {"id": "m1", "object": "model", "created": 0, "owned_by": "vllm", "root": "m1", "parent": None},
+            {"id": "m2", "object": "model", "created": 0, "owned_by": "vllm", "root": "m2", "parent": None},
         ],
     }
     # A request without "model" goes to the first served model, as in vLLM.
