@@ -146,11 +146,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     make_discovery = None
+    if args.inference_pool and args.discovery != "kubernetes":
+        log.error("serve: --inference-pool needs --discovery kubernetes")
+        return 2
+    if args.inference_pool and len(set(args.namespace or ())) > 1:
+        log.error("serve: --inference-pool takes one --namespace (the pool's; default: default)")
+        return 2
     if args.discovery == "kubernetes":
         from functools import partial
 
         from extproc_router.discovery.kubernetes import KubernetesDiscovery
-        make_discovery = partial(KubernetesDiscovery, namespaces=tuple(args.namespace or ()))
+        make_discovery = partial(KubernetesDiscovery, namespaces=tuple(args.namespace or ()),
+                                 inference_pool=args.inference_pool,
+                                 inference_pool_version=args.inference_pool_version)
     _install_uvloop()
     return asyncio.run(serve(cfg, make_discovery, drain_delay=args.drain_delay))
 
@@ -251,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "model.aibrix.ai/name, in-cluster service account or KUBECONFIG")
     p.add_argument("--namespace", action="append", metavar="NS",
                    help="kubernetes discovery: watch this namespace; repeat for several (default: all)")
+    p.add_argument("--inference-pool", metavar="NAME",
+                   help="kubernetes discovery: route to the pods the InferencePool NAME (of the one --namespace, "
+                        "default: default) selects, on its target port; models it does not know go to them too")
+    p.add_argument("--inference-pool-version", choices=["v1", "v1alpha2"], default="v1",
+                   help="InferencePool API: v1 (inference.networking.k8s.io) or v1alpha2 "
+                        "(inference.networking.x-k8s.io) (default %(default)s)")
     # Flags that set a RouterConfig field have no default of their own (the help shows the config's).
     p.add_argument("--grpc-listen", metavar="HOST:PORT", help="ext_proc gRPC address")
     p.add_argument("--http-listen", metavar="HOST:PORT", help="/metrics, /v1/models, /health, /ready")

@@ -305,7 +305,12 @@ def _rbac(names: Names) -> list[Manifest]:
                   # LoRA adapters served by which pods (AIBrix's ModelAdapter status.instances); without
                   # the CRD or this rule the router logs once and uses the pods' own reports.
                   {"apiGroups": ["model.aibrix.ai"], "resources": ["modeladapters"],
-                   "verbs": ["get", "list", "watch"]}],
+                   "verbs": ["get", "list", "watch"]},
+                  # `serve --inference-pool NAME`: the Gateway API Inference Extension pool whose pods
+                  # the router routes to (v1, and the older v1alpha2 group). Read-only and harmless
+                  # when unused, so always granted.
+                  {"apiGroups": ["inference.networking.k8s.io", "inference.networking.x-k8s.io"],
+                   "resources": ["inferencepools"], "verbs": ["get", "list", "watch"]}],
     }
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -315,7 +320,8 @@ def _rbac(names: Names) -> list[Manifest]:
         "subjects": [{"kind": "ServiceAccount", "name": names.router, "namespace": names.namespace}],
     }
     comment = ("The router watches model pods in every namespace (the reference gateway's informer does too), so\n"
-               "its service account may read pods and AIBrix ModelAdapters cluster-wide, and nothing else.\n"
+               "its service account may read pods, AIBrix ModelAdapters and InferencePools cluster-wide, and\n"
+               "nothing else.\n"
                "To watch only some namespaces,\n"
                "run `serve --namespace NS ...` and bind this ClusterRole with a RoleBinding in each of them.")
     return [Manifest("rbac.yaml", sa, comment), Manifest("rbac.yaml", role), Manifest("rbac.yaml", binding)]

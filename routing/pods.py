@@ -65,14 +65,18 @@ class PodSnapshot:
     `models` holds the base models, each pod listed under exactly one; `adapters` the adapters that
     at least one ready pod serves, by name (their pods are the base models' own Pod objects).
     `pod_adapters` is what the adapters were built from: pod key -> adapter names it serves.
+    `default` is the entry for requests naming a model nothing here serves; only the InferencePool
+    discovery sets it (a gateway sends its picker only its pool's requests, whatever model they
+    name), otherwise None and such requests get a 404.
     """
 
-    __slots__ = ("_by_address", "adapters", "models", "pod_adapters", "version")
+    __slots__ = ("_by_address", "adapters", "default", "models", "pod_adapters", "version")
 
     def __init__(self, models: Mapping[str, ModelEntry], version: int = 0, *,
-                 pod_adapters: Mapping[str, Iterable[str]] | None = None) -> None:
+                 pod_adapters: Mapping[str, Iterable[str]] | None = None, default: ModelEntry | None = None) -> None:
         self.models: dict[str, ModelEntry] = dict(models)
         self.version = version
+        self.default = default
         self._by_address = {p.address: p for m in self.models.values() for p in m.pods}
         self.pod_adapters: dict[str, frozenset[str]] = {
             k: frozenset(v) for k, v in (pod_adapters or {}).items() if v}
@@ -101,13 +105,15 @@ class PodSnapshot:
         merged = dict(self.pod_adapters)
         for key, names in extra.items():
             merged[key] = merged.get(key, frozenset()) | frozenset(names)
-        return PodSnapshot(self.models, self.version, pod_adapters=merged)
+        return PodSnapshot(self.models, self.version, pod_adapters=merged, default=self.default)
 
     @classmethod
     def build(cls, pods: list[Pod], ready_keys: set[str], configs: Mapping[str, str | None],
-              version: int = 0, adapters: Mapping[str, Iterable[str]] | None = None) -> PodSnapshot:
+              version: int = 0, adapters: Mapping[str, Iterable[str]] | None = None,
+              default: str | None = None) -> PodSnapshot:
         """Group pods by model; `ready_keys` holds the keys of pods that passed their health check;
-        `adapters` maps a pod key to the LoRA adapters the pod serves."""
+        `adapters` maps a pod key to the LoRA adapters the pod serves. With `default`, every pod also
+        serves an entry of that name, the snapshot's `default` (used for models it does not know)."""
         by_model: dict[str, list[Pod]] = {name: [] for name in configs}
         for pod in pods:
             by_model.setdefault(pod.model, []).append(pod)
@@ -120,7 +126,11 @@ class PodSnapshot:
             )
             for name, plist in by_model.items()
         }
-        return cls(models, version, pod_adapters=adapters)
+        fallback = None
+        if default is not None:
+            fallback = ModelEntry(name=default, pods=tuple(pods), ready=tuple(p for p in pods if p.key in ready_keys),
+                                  config_json=configs.get(default) or _first_pod_config(pods))
+        return cls(models, version, pod_adapters=adapters, default=fallback)
 
 
 def _adapter_entries(models: Mapping[str, ModelEntry],

@@ -129,6 +129,9 @@ class Router:
     def model_entry(self, model: str) -> ModelEntry:
         entry = self.snapshot.model(model)
         if entry is None:
+            # Set only by InferencePool discovery (`serve --inference-pool`): the pool serves any name.
+            entry = self.snapshot.default
+        if entry is None:
             raise RoutingError(404, f"The model `{model}` does not exist.", code="model_not_found",
                                param="model", cause="no-model-backends", cause_value=model)
         return entry

@@ -32,6 +32,19 @@ name AIBrix loads it into vLLM with, and the name clients ask for). Without the 
 permission to read it (403) the router says so once and keeps checking every few minutes: adapters
 then come from the pods' own `/v1/models` (`extproc_router.discovery.adapters`), which the router
 polls in any case.
+
+InferencePool (`serve --inference-pool NAME`, the Gateway API Inference Extension): the pool
+`inferencepools.inference.networking.k8s.io/v1` NAME of the one namespace is watched
+(`InferencePoolWatch`; `spec.selector.matchLabels` and `spec.targetPorts[0].number`; the older
+`inference.networking.x-k8s.io/v1alpha2` shape, `spec.selector` as a map and `spec.targetPortNumber`,
+is read too), and so are all the pods of that namespace (`PoolPodWatch`, no label selector, so a
+selector change is re-evaluated at once without a new watch). The pods whose labels contain every
+selector label (an empty selector selects nothing) are the pool's; one is routable at `IP:targetPort`
+when it has an IP, is Ready and not terminating (the `model.aibrix.ai/*` label rules above do not
+apply: no port label, no worker or group-index skipping). Its model is its `model.aibrix.ai/name`
+label, else the pool's name. A GIE gateway sends its picker only the requests of its pool, whatever
+model they name, so the snapshot's `default` entry (every pool pod, under the pool's name) serves the
+models it does not know. No pool (deleted, not created yet, or the CRD missing) = no pods: 503s.
 """
 
 from __future__ import annotations
@@ -65,6 +78,10 @@ _FORBIDDEN = 403
 # AIBrix's ModelAdapter custom resource.
 ADAPTER_GROUP, ADAPTER_VERSION, ADAPTER_PLURAL = "model.aibrix.ai", "v1alpha1", "modeladapters"
 ADAPTER_ABSENT_RECHECK_S = 300.0  # how often a missing ModelAdapter CRD (or permission) is checked again
+# The Gateway API Inference Extension's InferencePool (v1; v1alpha2 lived in the x-k8s.io group).
+POOL_GROUP, POOL_VERSION, POOL_PLURAL = "inference.networking.k8s.io", "v1", "inferencepools"
+POOL_API_VERSIONS = {"v1": (POOL_GROUP, "v1"), "v1alpha2": ("inference.networking.x-k8s.io", "v1alpha2")}
+POOL_ABSENT_RECHECK_S = 30.0  # how often a missing InferencePool CRD (or permission) is checked again
 
 
 class ResourceExpired(Exception):
@@ -166,6 +183,90 @@ def adapter_from_object(obj: Mapping[str, Any]) -> TrackedAdapter | None:
     instances = tuple(dict.fromkeys(i for i in raw if isinstance(i, str) and i)) if isinstance(raw, list) else ()
     return TrackedAdapter(name=name, namespace=str(meta.get("namespace") or "default"), base_model=base or None,
                           instances=instances)
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedPool:
+    """What discovery keeps of the InferencePool: its pod selector and the port its pods serve on
+    (None when the spec has none that is valid: its pods are then known but not routable)."""
+
+    name: str
+    namespace: str
+    selector: Mapping[str, str]
+    port: int | None
+
+    def selects(self, labels: Mapping[str, str]) -> bool:
+        return bool(self.selector) and all(labels.get(k) == v for k, v in self.selector.items())
+
+
+def _valid_port(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536 else None
+
+
+def pool_from_object(obj: Mapping[str, Any]) -> TrackedPool | None:
+    """Translate one InferencePool (API JSON, v1 or v1alpha2 shape); None when it has no name."""
+    meta = obj.get("metadata") or {}
+    name = str(meta.get("name") or "")
+    if not name:
+        return None
+    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    raw = spec.get("selector")
+    if isinstance(raw, dict) and isinstance(raw.get("matchLabels"), dict):  # v1: a LabelSelector
+        raw = raw["matchLabels"]
+    selector = {str(k): str(v) for k, v in raw.items() if isinstance(v, str)} if isinstance(raw, dict) else {}
+    port = None
+    ports = spec.get("targetPorts")
+    if isinstance(ports, list) and ports and isinstance(ports[0], dict):  # v1: the first (and only) port
+        port = _valid_port(ports[0].get("number"))
+    elif "targetPortNumber" in spec:  # v1alpha2
+        port = _valid_port(spec.get("targetPortNumber"))
+    return TrackedPool(name=name, namespace=str(meta.get("namespace") or "default"), selector=selector, port=port)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolMember:
+    """What discovery keeps of any pod of the pool's namespace: enough to select it and route to it."""
+
+    name: str
+    namespace: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    host: str | None  # the pod IP as it goes before ":port" ("[v6]" bracketed); None without one
+    routable: bool
+    reason: str
+
+    def pod(self, model: str, port: int) -> Pod | None:
+        if self.host is None:
+            return None
+        return Pod(name=self.name, address=f"{self.host}:{port}", model=model, namespace=self.namespace,
+                   labels=self.labels, annotations=self.annotations)
+
+
+def member_from_object(obj: Mapping[str, Any]) -> PoolMember | None:
+    """Translate one Pod object (API JSON) for the InferencePool mode; None when it has no name."""
+    meta = obj.get("metadata") or {}
+    name = str(meta.get("name") or "")
+    if not name:
+        return None
+    labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+    annotations = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()}
+    status = obj.get("status") or {}
+    host, reason = None, ""
+    ip_text = status.get("podIP")
+    if not ip_text:
+        reason = "no IP yet"
+    else:
+        try:
+            ip = ipaddress.ip_address(ip_text)
+            host = f"[{ip}]" if ip.version == 6 else str(ip)
+        except ValueError:
+            reason = f"bad podIP {ip_text!r}"
+    if not reason and meta.get("deletionTimestamp"):
+        reason = "terminating"
+    if not reason and not _is_ready(status):
+        reason = "not Ready"
+    return PoolMember(name=name, namespace=str(meta.get("namespace") or "default"), labels=labels,
+                      annotations=annotations, host=host, routable=not reason, reason=reason)
 
 
 def _object_key(obj: Mapping[str, Any]) -> str:
@@ -436,6 +537,104 @@ class ModelAdapterWatch(ListWatch[TrackedAdapter]):
             log.info("ModelAdapter %s served by pods %s", key, ", ".join(after.instances) or "(none yet)")
 
 
+class PoolPodWatch(ListWatch[PoolMember]):
+    """Every pod of the InferencePool's namespace (the pool's selector is applied when the snapshot
+    is built, so a selector change needs no new watch)."""
+
+    kind = "pod"
+
+    def __init__(self, api: CoreV1Api, namespace: str, on_change: Callable[[], None], *,
+                 watch_timeout: Callable[[], int], backoff: tuple[float, float]) -> None:
+        super().__init__(namespace, on_change, watch_timeout=watch_timeout, backoff=backoff)
+        self.api = api
+
+    def translate(self, obj: Mapping[str, Any]) -> PoolMember | None:
+        return member_from_object(obj)
+
+    async def _call(self, **kwargs: Any) -> aiohttp.ClientResponse:
+        return await self.api.list_namespaced_pod(self.namespace, _preload_content=False, **kwargs)
+
+    async def _failed(self, exc: ApiFailure, delay: float) -> None:
+        log.warning("pod watch (%s) failed: %s; retrying in %.1fs", self.scope, exc, delay)
+        await super()._failed(exc, delay)
+
+    def _transition(self, key: str, before: PoolMember | None, after: PoolMember | None) -> None:
+        log.debug("pod %s %s", key, "removed" if after is None else after.reason or "routable")
+
+
+class InferencePoolWatch(ListWatch[TrackedPool]):
+    """The one InferencePool `name` of `namespace` (listed and watched with a field selector on its
+    name). A missing CRD (404) or permission (403) means no pool: synced and empty, said once, and
+    checked again every `absent_recheck` seconds."""
+
+    kind = "InferencePool"
+
+    def __init__(self, api: CustomObjectsApi, namespace: str, name: str, on_change: Callable[[], None], *,
+                 watch_timeout: Callable[[], int], backoff: tuple[float, float],
+                 api_version: tuple[str, str] = (POOL_GROUP, POOL_VERSION),
+                 absent_recheck: float = POOL_ABSENT_RECHECK_S) -> None:
+        super().__init__(namespace, on_change, watch_timeout=watch_timeout, backoff=backoff)
+        self.api = api
+        self.name = name
+        self.group, self.version = api_version
+        self.absent_recheck = absent_recheck
+        self.absent: int | None = None
+
+    @property
+    def pool(self) -> TrackedPool | None:
+        return self.items.get(f"{self.namespace}/{self.name}")
+
+    def translate(self, obj: Mapping[str, Any]) -> TrackedPool | None:
+        pool = pool_from_object(obj)
+        return pool if pool is not None and pool.name == self.name else None
+
+    async def _call(self, **kwargs: Any) -> aiohttp.ClientResponse:
+        return await self.api.list_namespaced_custom_object(
+            self.group, self.version, self.namespace, POOL_PLURAL, field_selector=f"metadata.name={self.name}",
+            _preload_content=False, **kwargs)
+
+    async def relist(self) -> None:
+        await super().relist()
+        if self.absent is not None:
+            log.info("InferencePools (%s) are readable now", self.scope)
+            self.absent = None
+        if self.pool is None:
+            log.warning("InferencePool %s/%s does not exist (yet): no pods to route to", self.namespace, self.name)
+
+    async def _failed(self, exc: ApiFailure, delay: float) -> None:
+        if exc.status not in (_NOT_FOUND, _FORBIDDEN):
+            log.warning("InferencePool watch (%s) failed: %s; retrying in %.1fs", self.scope, exc, delay)
+            await super()._failed(exc, delay)
+            return
+        if self.absent != exc.status:
+            why = (f"the InferencePool CRD ({self.group}/{self.version}) is not installed" if exc.status == _NOT_FOUND
+                   else f"the router may not list {POOL_PLURAL}.{self.group} (RBAC)")
+            log.warning("InferencePool %s/%s unavailable: %s; no pods to route to; checking again every %.0fs",
+                        self.namespace, self.name, why, self.absent_recheck)
+            self.absent = exc.status
+        self.resource_version = None
+        if self.items:
+            self.items = {}
+            self._on_change()
+        self.synced.set()
+        await asyncio.sleep(self.absent_recheck)
+
+    def _listed(self, added: set[str], removed: set[str], version: str | None) -> None:
+        self._log_pool()
+
+    def _transition(self, key: str, before: TrackedPool | None, after: TrackedPool | None) -> None:
+        self._log_pool()
+
+    def _log_pool(self) -> None:
+        pool = self.pool
+        if pool is None:
+            log.info("InferencePool %s/%s: absent", self.namespace, self.name)
+        else:
+            log.info("InferencePool %s/%s: selector %s, target port %s", self.namespace, self.name,
+                     ",".join(f"{k}={v}" for k, v in sorted(pool.selector.items())) or "(empty: selects nothing)",
+                     pool.port if pool.port is not None else "(none valid)")
+
+
 def _log_transition(key: str, before: TrackedPod | None, after: TrackedPod | None) -> None:
     if after is None:
         log.info("pod %s removed", key)
@@ -478,17 +677,33 @@ class KubernetesDiscovery:
     Same contract as FileDiscovery: `publish` gets every new snapshot, `ready` turns True once
     every namespace's pods have been listed, `start()` / `stop()`. With `model_adapters` the
     ModelAdapters of the same scopes are followed too; the pods their `status.instances` name serve
-    them (the snapshot's `pod_adapters`).
+    them (the snapshot's `pod_adapters`). With `inference_pool` the pods are those the InferencePool
+    of that name selects, in the one namespace (`namespaces`' only entry, else "default"), and the
+    snapshot's `default` entry serves every model name it does not know (see the module docstring).
     """
 
     def __init__(self, publish: Callable[[PodSnapshot], None], *, namespaces: Iterable[str] = (),
                  kubeconfig: str | None = None, watch_timeout: Callable[[], int] = _default_watch_timeout,
                  backoff: tuple[float, float] = (0.5, 30.0), initial_sync_timeout: float = 10.0,
-                 model_adapters: bool = True, adapter_absent_recheck: float = ADAPTER_ABSENT_RECHECK_S) -> None:
+                 model_adapters: bool = True, adapter_absent_recheck: float = ADAPTER_ABSENT_RECHECK_S,
+                 inference_pool: str | None = None, inference_pool_version: str = "v1",
+                 pool_absent_recheck: float = POOL_ABSENT_RECHECK_S) -> None:
         self._publish = publish
+        self.inference_pool = inference_pool
+        if inference_pool_version not in POOL_API_VERSIONS:
+            raise DiscoveryError(f"InferencePool API version {inference_pool_version!r}: expected one of "
+                                 f"{', '.join(POOL_API_VERSIONS)}")
+        self._pool_api = POOL_API_VERSIONS[inference_pool_version]
+        self._pool_absent_recheck = pool_absent_recheck
+        self._pool_watch: InferencePoolWatch | None = None
+        self._pool_pods: PoolPodWatch | None = None
         self.model_adapters = model_adapters
         self._adapter_absent_recheck = adapter_absent_recheck
         self.namespaces: Sequence[str] = tuple(dict.fromkeys(namespaces))  # () = cluster-wide
+        if inference_pool is not None:
+            if len(self.namespaces) > 1:
+                raise DiscoveryError("an InferencePool selects pods of its own namespace: give at most one namespace")
+            self.namespaces = self.namespaces or ("default",)
         self.kubeconfig = kubeconfig
         self._watch_timeout = watch_timeout
         self._backoff = backoff
@@ -512,8 +727,19 @@ class KubernetesDiscovery:
         self._api_client = await load_api_client(self.kubeconfig)
         api = CoreV1Api(self._api_client)
         scopes: Sequence[str | None] = self.namespaces or (None,)
-        self._watches = [PodWatch(api, ns, self._changed, watch_timeout=self._watch_timeout, backoff=self._backoff)
-                         for ns in scopes]
+        pool_watches: list[ListWatch[Any]] = []
+        if self.inference_pool is None:
+            self._watches = [PodWatch(api, ns, self._changed, watch_timeout=self._watch_timeout,
+                                      backoff=self._backoff) for ns in scopes]
+        else:
+            ns = self.namespaces[0]
+            self._pool_pods = PoolPodWatch(api, ns, self._changed, watch_timeout=self._watch_timeout,
+                                           backoff=self._backoff)
+            self._pool_watch = InferencePoolWatch(
+                CustomObjectsApi(self._api_client), ns, self.inference_pool, self._changed,
+                watch_timeout=self._watch_timeout, backoff=self._backoff, api_version=self._pool_api,
+                absent_recheck=self._pool_absent_recheck)
+            pool_watches = [self._pool_watch, self._pool_pods]
         if self.model_adapters:
             custom = CustomObjectsApi(self._api_client)
             self._adapter_watches = [
@@ -522,10 +748,13 @@ class KubernetesDiscovery:
         self._tasks = [asyncio.create_task(w.run(), name=f"pod-watch-{w.namespace or '*'}") for w in self._watches]
         self._tasks += [asyncio.create_task(w.run(), name=f"modeladapter-watch-{w.namespace or '*'}")
                         for w in self._adapter_watches]
+        self._tasks += [asyncio.create_task(w.run(), name=f"{w.kind.lower()}-watch-{w.namespace}")
+                        for w in pool_watches]
         try:
             # The adapters' first list too (an absent CRD counts as listed): requests for an adapter
             # must not get a 404 just because the router started a moment ago.
-            await asyncio.wait_for(asyncio.gather(*(w.synced.wait() for w in [*self._watches, *self._adapter_watches])),
+            await asyncio.wait_for(asyncio.gather(*(w.synced.wait() for w in [*self._watches, *self._adapter_watches,
+                                                                              *pool_watches])),
                                    self._initial_sync_timeout)
         except TimeoutError:
             log.warning("kubernetes discovery: no pod list after %.0fs; not ready until the API server answers",
@@ -541,21 +770,49 @@ class KubernetesDiscovery:
             self._api_client = None
 
     def _changed(self) -> None:
-        tracked = [t for w in self._watches for t in w.pods.values()]
-        pods = sorted((t.pod for t in tracked if t.pod is not None), key=lambda p: p.key)
-        ready = frozenset(t.pod.key for t in tracked if t.routable and t.pod is not None)
-        models = frozenset(t.model for t in tracked)
+        if self._pool_watch is not None and self._pool_pods is not None:
+            pods, ready, models = self._pool_view(self._pool_watch, self._pool_pods)
+            synced = self._pool_watch.synced.is_set() and self._pool_pods.synced.is_set()
+        else:
+            tracked = [t for w in self._watches for t in w.pods.values()]
+            pods = sorted((t.pod for t in tracked if t.pod is not None), key=lambda p: p.key)
+            ready = frozenset(t.pod.key for t in tracked if t.routable and t.pod is not None)
+            models = frozenset(t.model for t in tracked)
+            synced = all(w.synced.is_set() for w in self._watches)
         adapters: dict[str, set[str]] = {}
         for w in self._adapter_watches:
             for adapter in w.items.values():
                 for key in adapter.pod_keys():
                     adapters.setdefault(key, set()).add(adapter.name)
         view = (tuple(pods), ready, models, {k: frozenset(v) for k, v in adapters.items()})
-        if not self.ready and all(w.synced.is_set() for w in self._watches):
+        if not self.ready and synced:
             self.ready = True
         if view == self._last_view:
             return  # e.g. a status update that changes nothing the router reads
         self._last_view = view
         self._version += 1
         # Every model with a tracked pod is listed, even with no IP yet: its requests get 503, not 404.
-        self._publish(PodSnapshot.build(pods, set(ready), dict.fromkeys(models), self._version, adapters=view[3]))
+        self._publish(PodSnapshot.build(pods, set(ready), dict.fromkeys(models), self._version, adapters=view[3],
+                                        default=self.inference_pool))
+
+    def _pool_view(self, pool_watch: InferencePoolWatch, members: PoolPodWatch) -> tuple[
+            list[Pod], frozenset[str], frozenset[str]]:
+        """The pods, ready keys and models of the InferencePool: nothing while it is absent."""
+        pool = pool_watch.pool
+        if pool is None:
+            return [], frozenset(), frozenset()
+        pods: list[Pod] = []
+        ready: set[str] = set()
+        models: set[str] = set()
+        for member in members.items.values():
+            if not pool.selects(member.labels):
+                continue
+            model = member.labels.get(LABEL_MODEL) or pool.name
+            models.add(model)
+            pod = member.pod(model, pool.port) if pool.port is not None else None
+            if pod is not None:
+                pods.append(pod)
+                if member.routable:
+                    ready.add(pod.key)
+        pods.sort(key=lambda p: p.key)
+        return pods, frozenset(ready), frozenset(models)

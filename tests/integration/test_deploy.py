@@ -342,7 +342,9 @@ def test_router_may_only_read_pods_and_model_adapters(manifests: list[dict[str, 
     role = one(manifests, "ClusterRole", binding["roleRef"]["name"])
     assert [(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in role["rules"]] == \
         [([""], ["pods"], ["get", "list", "watch"]),
-         (["model.aibrix.ai"], ["modeladapters"], ["get", "list", "watch"])]
+         (["model.aibrix.ai"], ["modeladapters"], ["get", "list", "watch"]),
+         (["inference.networking.k8s.io", "inference.networking.x-k8s.io"], ["inferencepools"],
+          ["get", "list", "watch"])]
     assert not find(manifests, "Role") and not find(manifests, "RoleBinding")
 
 
