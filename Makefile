@@ -39,9 +39,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 
-## bench-quality: routing quality on 4 model-timed simulated pods, ours vs sglang-router / vllm-router (~6 min)
+## bench-quality: routing quality on 4 model-timed simulated pods: shared-prefix, multi-turn and an eviction-heavy trace; ours (incl. precise KV-event routing) vs sglang-router / vllm-router (~10 min)
 bench-quality: $(STAMP)
-	$(PY) bench/quality.py --workload both
+	$(PY) bench/quality.py --workload all
 
 ## bench-statesync: 3 router replicas with and without Redis state sync vs one replica (~3 min)
 bench-statesync: $(STAMP) redis-bin

@@ -5,15 +5,27 @@ KV capacity that one pod's share of the prefixes overflows, our router + Envoy i
 and the peer routers ``sglang-router`` and ``vllm-router`` (``--policy cache_aware``, installed into
 the benchmark-only venv bench/.venv-peers on first use) pointed at the same pods. Then it runs
 ``extproc-router loadtest --compare`` over all arms, flushing the pods (POST /sim/reset) and our
-router's prefix index (POST /flush_cache) before each arm, and leaves report.json, summary.md and
+routers' prefix indexes (POST /flush_cache) before each arm, and leaves report.json, summary.md and
 plots per workload in --out (default bench/results/quality/<workload>/); process logs go to
 --out/run/.
+
+Our arms: ``random``, ``least-request`` and ``prefix-cache`` (the approximate index: what the
+router sent where) are strategies of the main router, whose KV-event subscription is off.
+``precise`` is prefix-cache from the engines' own KV-cache events: the pods publish them (vLLM's
+ZeroMQ format), and a second router + Envoy in front of the same pods subscribes (prefix-cache by
+default, the pods' cl100k as its engine tokenizer).
+
+Workloads: ``shared-prefix`` and ``multi-turn`` (the harness's generators), and ``eviction``: a
+trace from ``loadtest gen-trace --kind eviction`` replayed with ``--workload trace``: documents
+totalling 4x the fleet's KV read in a cyclic sweep, so a document's follow-up comes after every pod
+has evicted it, with a quarter of the requests re-reading a recent document. Every run also
+reports the finite-cache LRU oracle (``--oracle-cache-tokens``: one LRU as large as the fleet).
 
 An arm our router rejects (e.g. a strategy not built yet) is skipped and reported, not fatal.
 The run is bounded by --budget-s: each arm's sending time is capped so the whole run fits.
 
     .venv/bin/python bench/quality.py                     # shared-prefix, all arms
-    .venv/bin/python bench/quality.py --workload both --skip-peers
+    .venv/bin/python bench/quality.py --workload all --skip-peers    # also the eviction trace
 """
 
 from __future__ import annotations
@@ -34,11 +46,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from extproc_router.stack import LocalStack, StackOptions, free_port  # noqa: E402
+from extproc_router.simulator.config import SimConfig  # noqa: E402
+from extproc_router.stack import LocalStack, ModelTiming, PodSpec, StackOptions, free_port  # noqa: E402
 
 PEER_VENV = ROOT / "bench" / ".venv-peers"
 PEER_PACKAGES = ("sglang-router", "vllm-router")
-OUR_ARMS = ("random", "least-request", "prefix-cache")
+OUR_ARMS = ("random", "least-request", "prefix-cache", "precise")
 PEER_ARMS = ("sglang", "vllm")
 DEFAULT_ARMS = ",".join((*OUR_ARMS, *PEER_ARMS))
 
@@ -68,8 +81,10 @@ class WorkloadPlan:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=["shared-prefix", "multi-turn", "both"], default="shared-prefix")
-    p.add_argument("--requests", type=int, help="requests per arm (default: the workload's size: 150, 50)")
+    p.add_argument("--workload", choices=["shared-prefix", "multi-turn", "eviction", "both", "all"],
+                   default="shared-prefix", help="both: shared-prefix and multi-turn; all: the three")
+    p.add_argument("--requests", type=int,
+                   help="requests per arm (default: the workload's size: 150, 200, --eviction-requests)")
     p.add_argument("--arms", default=DEFAULT_ARMS,
                    help=f"comma-separated arms among {', '.join(OUR_ARMS + PEER_ARMS)} (default: all)")
     p.add_argument("--skip-peers", action="store_true", help="run only our router's arms")
@@ -87,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "system-prompt-only workload)")
     p.add_argument("--turn-rate", type=float, default=4.0,
                    help="multi-turn: Poisson turns per second over all users (0: closed loop of --users)")
+    p.add_argument("--eviction-rate", type=float, default=8.0,
+                   help="eviction: Poisson arrivals per second (each ~4.4k prompt tokens: about 75%% of what 4 "
+                        "pods prefill when nothing is cached)")
+    p.add_argument("--eviction-requests", type=int, default=200,
+                   help="eviction: requests in the trace (~2.3 sweeps of the 64 documents, a quarter of the "
+                        "requests revisiting a recent one)")
     p.add_argument("--kv-capacity-tokens", type=int, default=16384,
                    help="per pod; the default shared-prefix prefixes (30 x ~1.5k tokens) need ~70%% of the "
                         "cluster's KV and ~2.8x one pod's")
@@ -96,13 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def workload_plans(args: argparse.Namespace) -> list[WorkloadPlan]:
     plans = []
-    if args.workload in ("shared-prefix", "both"):
+    if args.workload in ("shared-prefix", "both", "all"):
         # The harness defaults (30 groups x 5, 1500 + 300 tokens, 100 out) at a Poisson rate that
         # keeps the pods busy enough for cache misses to queue behind each other.
         n = args.requests or 150
         plans.append(WorkloadPlan("shared-prefix", n, ["--workload", "shared-prefix", "--rate", str(args.rate)],
                                   rate=args.rate))
-    if args.workload in ("multi-turn", "both"):
+    if args.workload in ("multi-turn", "both", "all"):
         # The shape of production-stack's multi-round-qa (benchmarks/multi-round-qa, README example:
         # 10 users, 1000-token shared system prompt, 2000-token user history, 100-token answers,
         # short questions, turns paced by an overall QPS). The first turn of each conversation is
@@ -120,21 +141,50 @@ def workload_plans(args: argparse.Namespace) -> list[WorkloadPlan]:
             plans.append(WorkloadPlan("multi-turn", n, [*flags, "--rate", str(args.turn_rate)], rate=args.turn_rate))
         else:
             plans.append(WorkloadPlan("multi-turn", n, [*flags, "--concurrency", str(users)], concurrency=users))
+    if args.workload in ("eviction", "all"):
+        # The trace is written by main() (gen-trace) into the workload's output directory.
+        n = args.requests or args.eviction_requests
+        trace = args.out / "eviction" / "trace.jsonl"
+        plans.append(WorkloadPlan("eviction", n, ["--workload", "trace", "--trace", str(trace),
+                                                  "--block-tokens", str(EVICTION_BLOCK_TOKENS)],
+                                  rate=args.eviction_rate))
     return plans
+
+
+EVICTION_BLOCK_TOKENS = 512  # Mooncake's hash-id block; a document is gen-trace's 8 of them
+
+
+def eviction_trace_command(args: argparse.Namespace, plan: WorkloadPlan) -> list[str]:
+    """`loadtest gen-trace --kind eviction` for the fleet: the working set is 4x its KV capacity."""
+    trace = plan.flags[plan.flags.index("--trace") + 1]
+    return [sys.executable, "-m", "extproc_router", "loadtest", "gen-trace", "--kind", "eviction", "--out", trace,
+            "--seed", str(args.seed), "--block-tokens", str(EVICTION_BLOCK_TOKENS),
+            "--capacity-tokens", str(args.pods * args.kv_capacity_tokens), "--rate", str(args.eviction_rate),
+            "--requests", str(plan.requests)]
 
 
 # ---------------------------------------------------------------- processes
 
 
-def sim_args(kv_capacity: int) -> list[str]:
-    """Simulator flags: the model timing if this simulator has it, else its fixed timing (with a warning)."""
-    help_text = subprocess.run([sys.executable, "-m", "extproc_router", "sim", "--help"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout
-    if "--timing" not in help_text:
-        print("WARNING: this simulator has no --timing model: latencies will not depend on the cache, "
-              "so only the hit rates and the spread mean something", flush=True)
-        return ["--kv-capacity-tokens", str(kv_capacity)]
-    return ["--timing", "model", "--kv-capacity-tokens", str(kv_capacity)]
+def model_timing(kv_capacity: int) -> ModelTiming:
+    """The simulator's own engine model (8B on one H100), with the benchmark's small KV cache."""
+    sim = SimConfig()
+    return ModelTiming(kv_capacity_tokens=kv_capacity, prefill_tokens_per_s=sim.prefill_tokens_per_s,
+                       decode_step_ms=sim.decode_step_ms, tokenizer=sim.tokenizer)
+
+
+class PreciseStack(LocalStack):
+    """The `precise` arm: a second router + Envoy in front of another stack's pods, subscribed to their
+    KV events, prefix-cache by default. The pods are the other stack's to start and stop."""
+
+    def __init__(self, run_dir: Path, pods: list[PodSpec], timing: ModelTiming, health_interval: float) -> None:
+        super().__init__(StackOptions.on_free_ports(
+            run_dir=str(run_dir), pods=0, health_interval=health_interval, timing="model", model_timing=timing,
+            kv_events=True, model_config=None, router_env={"ROUTING_ALGORITHM": "prefix-cache"}))
+        self.pods = pods  # with their KV-events ports: the pod file declares them
+
+    def start_pod(self, pod: PodSpec) -> None:
+        pass
 
 
 def ensure_peer_venv() -> Path | None:
@@ -226,6 +276,52 @@ class Peers:
                 proc.wait()
 
 
+def precise_targets(workload: str, arms: dict[str, dict]) -> dict[str, object]:
+    """The precise arm against the issue's targets, from one workload's per-arm summaries: hit rate within
+    0.9x of the finite-cache oracle; TTFT p90 at least 20% below approximate prefix-cache on the
+    eviction workload and no worse elsewhere; below sglang-router's and vllm-router's."""
+    ours = arms.get("precise")
+    if not ours or not ours.get("ok"):
+        return {}
+    p90 = ours["ttft_ms"]["p90"]
+    out: dict[str, object] = {"workload": workload, "precise_ttft_p90_ms": p90}
+    hit, finite = ours["hit_rate"].get("achieved"), ours["hit_rate"].get("oracle_finite")
+    if hit is not None and finite:
+        out["hit_vs_lru_oracle"] = round(hit / finite, 3)
+        out["hit_target_met"] = hit >= 0.9 * finite
+    approx = arms.get("prefix-cache")
+    if approx and approx.get("ok"):
+        below = 1.0 - p90 / approx["ttft_ms"]["p90"]
+        out["p90_below_prefix_cache"] = round(below, 3)
+        out["p90_vs_prefix_cache_target_met"] = below >= 0.2 if workload == "eviction" else below >= 0.0
+    for peer in PEER_ARMS:
+        theirs = arms.get(peer)
+        if theirs and theirs.get("ok"):
+            out[f"p90_below_{peer}"] = p90 < theirs["ttft_ms"]["p90"]
+    return out
+
+
+def print_targets(out_dir: Path, plans: list[WorkloadPlan]) -> None:
+    """Print, and write to targets.json, how the precise arm fares against the targets per workload."""
+    import json
+
+    rows = []
+    for plan in plans:
+        report = out_dir / plan.name / "report.json"
+        if not report.exists():
+            continue
+        arms = {a["summary"]["name"]: a["summary"] for a in json.loads(report.read_text())["arms"]}
+        row = precise_targets(plan.name, arms)
+        if row:
+            rows.append(row)
+    if not rows:
+        return
+    print("\nprecise arm vs the targets:", flush=True)
+    for row in rows:
+        print("  " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    (out_dir / "targets.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -265,9 +361,15 @@ def main(argv: list[str] | None = None) -> int:
           + ", then gets 15 s to finish)", flush=True)
 
     run_dir = args.out / "run"
-    opts = StackOptions.on_free_ports(run_dir=str(run_dir), pods=args.pods, health_interval=0.5,
-                                      sim_args=sim_args(args.kv_capacity_tokens))
+    timing = model_timing(args.kv_capacity_tokens)
+    precise = "precise" in ours
+    # With a precise arm the pods publish their KV events all run long; the main router ignores them,
+    # so its prefix-cache stays the approximate one.
+    opts = StackOptions.on_free_ports(run_dir=str(run_dir), pods=args.pods, health_interval=0.5, timing="model",
+                                      model_timing=timing, kv_events=precise,
+                                      router_env={"EXTPROC_ROUTER_KV_EVENTS": "false"} if precise else {})
     stack = LocalStack(opts)
+    precise_stack = PreciseStack(run_dir / "precise", stack.pods, timing, 0.5) if precise else None
     peers_running = Peers(run_dir)
     started = time.monotonic()
     # SIGTERM behaves like Ctrl-C: everything we started is stopped on the way out.
@@ -275,16 +377,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack.start()
         print(f"stack up: Envoy {stack.url}, pods {', '.join(str(p.port) for p in stack.pods)}", flush=True)
+        arm_urls: dict[str, str] = {}
+        if precise_stack is not None:
+            precise_stack.start()
+            arm_urls["precise"] = precise_stack.url
+            print(f"precise router up (KV events): Envoy {precise_stack.url}", flush=True)
         peer_urls: dict[str, str] = {}
         if peers:
             python = ensure_peer_venv()
             if python is not None:
                 peer_urls = peers_running.start(stack, python, peers)
                 print("peers up: " + ", ".join(f"{k} {v}" for k, v in peer_urls.items()), flush=True)
-        compare = ",".join([*ours, *(f"{name}={url}" for name, url in peer_urls.items())])
-        # Each arm starts cold: the pods flush their KV caches, and our router forgets its prefix index
-        # (otherwise prefix-cache would route by what an earlier arm sent; the peers' arms ignore it).
+        arm_urls.update(peer_urls)
+        compare = ",".join([*(a for a in ours if a not in arm_urls),
+                            *(f"{name}={url}" for name, url in arm_urls.items())])
+        # Each arm starts cold: the pods flush their KV caches (which the precise router hears as
+        # AllBlocksCleared), and our routers forget their prefix index (otherwise prefix-cache would
+        # route by what an earlier arm sent; the peers' arms ignore it).
         reset_urls = [*(f"http://127.0.0.1:{pod.port}" for pod in stack.pods), f"{stack.router_http}/flush_cache"]
+        if precise_stack is not None:
+            reset_urls.append(f"{precise_stack.router_http}/flush_cache")
         resets = [arg for url in reset_urls for arg in ("--reset-url", url)]
         status = 0
         for plan in plans:
@@ -293,10 +405,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"budget exhausted: {plan.name} not run", flush=True)
                 status = 1
                 break
+            if plan.name == "eviction":
+                gen = eviction_trace_command(args, plan)
+                print(f"\n== eviction trace: {' '.join(gen[3:])}", flush=True)
+                subprocess.run(gen, cwd=ROOT, check=True)
             cmd = [sys.executable, "-m", "extproc_router", "loadtest", "--target", stack.url,
                    "--model", opts.model, "--compare", compare, *resets, *plan.flags,
                    "--requests", str(plan.requests), "--duration", f"{caps[plan.name]:.0f}", "--grace", "15",
-                   "--timeout", "60", "--seed", str(args.seed), "--out", str(args.out / plan.name)]
+                   "--timeout", "60", "--seed", str(args.seed), "--oracle-cache-tokens", str(args.kv_capacity_tokens),
+                   "--out", str(args.out / plan.name)]
             print(f"\n== {plan.name}: {' '.join(cmd[3:])}", flush=True)
             try:
                 rc = subprocess.run(cmd, cwd=ROOT, timeout=remaining + 30).returncode
@@ -304,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{plan.name}: over the time budget, stopped", flush=True)
                 rc = 1
             status = status or rc
+        print_targets(args.out, plans)
         print(f"\nresults in {args.out}/<workload>/ (report.json, summary.md, *.png); logs in {run_dir}/; "
               f"took {(time.monotonic() - started) / 60:.1f} min", flush=True)
         return status
@@ -313,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         with contextlib.suppress(Exception):
             peers_running.stop()
+        if precise_stack is not None:
+            with contextlib.suppress(Exception):
+                precise_stack.stop()
         with contextlib.suppress(Exception):
             stack.stop()
 

@@ -288,6 +288,10 @@ class KvBlockIndex:
         """Whether the pod's state was dropped at or after `since` (what was routed there before is gone)."""
         return self._cleared_at.get(pod_key, -math.inf) >= since
 
+    def cleared_at(self, pod_key: str) -> float:
+        """When the pod's state was last dropped (-inf: never)."""
+        return self._cleared_at.get(pod_key, -math.inf)
+
     # -- requests ----------------------------------------------------------------------------
     def precise_pods(self, model: str, pod_keys: Sequence[str], *, engine_model: str | None = None) -> list[str]:
         """The pods among `pod_keys` whose events `prefix-cache` uses for `model` (`engine_model`: the

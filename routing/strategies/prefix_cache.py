@@ -293,7 +293,7 @@ class PrefixCacheStrategy:
                        kv: KvBlockIndex, now: float) -> None:
         """A precise pod's match is what its engine reports holding, or, when longer, what it was routed
         within `kv_events_speculative_s` (the approximate index's newest entries: the engine publishes
-        a block only once it has computed it) unless its cache was emptied since. Its older routing
+        a block only once it has computed it) and after its cache was last emptied. Its older routing
         history never counts."""
         window = self.settings.kv_events_speculative_s
         recent: dict[str, int] = {}
@@ -305,7 +305,13 @@ class PrefixCacheStrategy:
             matches.pop(key, None)
             held, hashed, size = precise.runs[key]
             routed = recent.get(key, 0)
-            if routed * per_block > held * size and not kv.cleared_since(key, now - window):
+            if routed and kv.cleared_since(key, now - window):
+                # The cache was emptied inside the window: only what was routed after that counts
+                # (all of the window used to be ignored: measured, a reset right before a burst sent
+                # 4 re-reads of fresh prefixes elsewhere).
+                after = kv.cleared_at(key) + 1e-6  # strictly after the clear
+                routed = self.index.match(hashes, (key,), after + self.index.ttl_seconds).get(key, 0)
+            if routed * per_block > held * size:
                 matches[key] = (routed, len(hashes), per_block)
             elif held:
                 matches[key] = (held, hashed, float(size))

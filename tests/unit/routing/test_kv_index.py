@@ -4,6 +4,7 @@ hashed by the router itself; and `prefix-cache` using it for the pods that publi
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import numpy as np
 import orjson
@@ -222,8 +223,7 @@ def test_a_tokenizer_json() -> None:
 
 # -- prefix-cache over a mixed fleet -----------------------------------------------------------------
 
-def mixed_router(speculative_s: float = 0.0) -> Router:
-    clock = lambda: 1000.0  # noqa: E731
+def mixed_router(speculative_s: float = 0.0, clock: Callable[[], float] = lambda: 1000.0) -> Router:
     router = Router(RoutingSettings(prefix_cache=PrefixCacheSettings(kv_events_speculative_s=speculative_s)),
                     rng=random.Random(5), clock=clock)
     pods = [Pod(n, f"10.0.0.{i + 1}:8000", "m", namespace="ns") for i, n in enumerate("abcd")]
@@ -294,3 +294,19 @@ def test_routed_blocks_count_until_the_events_confirm_them() -> None:
         assert pod == first and header.startswith("1.00") and ";src=precise;" in header
     kv.clear_pod(f"ns/{first}", now=1000.0)  # emptied since: that routing history no longer counts
     assert decide(router, body)[1].startswith("0.00")
+
+
+def test_blocks_routed_after_a_cache_clear_count_again_within_the_window() -> None:
+    now = [1000.0]
+    router = mixed_router(speculative_s=2.0, clock=lambda: now[0])
+    kv = router.stats.kv_blocks
+    router.stats.load.acquire("ns/c", 10**6)
+    router.stats.load.acquire("ns/d", 10**6)
+    body = chat_body("Another shared system prompt, routed just after the caches were reset. " * 20)
+    kv.clear_pod(A, now=1000.0)
+    kv.clear_pod(B, now=1000.0)
+    now[0] = 1000.5  # the reset was inside the window, the routing below is after it
+    first, _ = decide(router, body)
+    now[0] = 1000.6
+    pod, header = decide(router, body)
+    assert pod == first and header.startswith("1.00") and ";src=precise;" in header, header
