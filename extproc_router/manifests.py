@@ -47,6 +47,7 @@ from extproc_router.envoyconfig.values import (
     ValuesError,
     load_deployment_values,
     parse_quantity,
+    read_values_file,
 )
 
 __all__ = [
@@ -802,14 +803,10 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Render and print (or write) the manifests; 2 with a message on stderr for bad values."""
-    data: Any = None
-    if args.values is not None:
-        try:
-            data = yaml.safe_load(args.values.read_text(encoding="utf-8"))
-        except OSError as exc:
-            return _fail(f"cannot read {args.values}: {exc.strerror or exc}")
-        except yaml.YAMLError as exc:
-            return _fail(f"{args.values} is not valid YAML: {exc}")
+    try:
+        data = read_values_file(args.values)
+    except ValuesError as exc:
+        return _fail(str(exc))
     try:
         values = load_checked_values(data)
     except ValuesError as exc:

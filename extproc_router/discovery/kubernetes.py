@@ -334,6 +334,16 @@ class ListWatch(Generic[T]):
         """A list or watch answered with an error status; wait before the next try."""
         await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: replicas must not retry in step
 
+    async def _wait_absent(self, recheck: float) -> None:
+        """The resource is not there (no CRD, no permission): nothing to wait for. Forget what was
+        known of it, count as synced, and look again after `recheck` seconds."""
+        self.resource_version = None
+        if self.items:
+            self.items = {}
+            self._on_change()
+        self.synced.set()
+        await asyncio.sleep(recheck)
+
     async def run(self) -> None:
         """List, then watch, forever; only cancellation stops it."""
         delay = self._backoff[0]
@@ -519,12 +529,7 @@ class ModelAdapterWatch(ListWatch[TrackedAdapter]):
             log.info("no ModelAdapters (%s): %s; LoRA adapters come from the pods' /v1/models and metrics; "
                      "checking again every %.0fs", self.scope, why, self.absent_recheck)
             self.absent = exc.status
-        self.resource_version = None
-        if self.items:
-            self.items = {}
-            self._on_change()
-        self.synced.set()
-        await asyncio.sleep(self.absent_recheck)
+        await self._wait_absent(self.absent_recheck)
 
     def _listed(self, added: set[str], removed: set[str], version: str | None) -> None:
         log.info("ModelAdapter list (%s): %d adapters (+%d -%d) at resourceVersion %s", self.scope,
@@ -612,12 +617,7 @@ class InferencePoolWatch(ListWatch[TrackedPool]):
             log.warning("InferencePool %s/%s unavailable: %s; no pods to route to; checking again every %.0fs",
                         self.namespace, self.name, why, self.absent_recheck)
             self.absent = exc.status
-        self.resource_version = None
-        if self.items:
-            self.items = {}
-            self._on_change()
-        self.synced.set()
-        await asyncio.sleep(self.absent_recheck)
+        await self._wait_absent(self.absent_recheck)
 
     def _listed(self, added: set[str], removed: set[str], version: str | None) -> None:
         self._log_pool()

@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from extproc_router.envoyconfig.render import load_values, render_bootstrap, to_yaml
-from extproc_router.envoyconfig.values import ValuesError
+from extproc_router.envoyconfig.values import ValuesError, read_values_file
 
 __all__ = ["add_arguments", "main", "register", "run"]
 
@@ -109,14 +107,10 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Render and print (or write) the bootstrap; 2 with a message on stderr for bad values."""
-    data: Any = None
-    if args.values is not None:
-        try:
-            data = yaml.safe_load(args.values.read_text(encoding="utf-8"))
-        except OSError as exc:
-            return _fail(f"cannot read {args.values}: {exc.strerror or exc}")
-        except yaml.YAMLError as exc:
-            return _fail(f"{args.values} is not valid YAML: {exc}")
+    try:
+        data = read_values_file(args.values)
+    except ValuesError as exc:
+        return _fail(str(exc))
     try:
         values = load_values(data)
     except ValuesError as exc:

@@ -25,7 +25,10 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 __all__ = [
     "BODY_LIMIT_HEADROOM_BYTES",
@@ -61,6 +64,18 @@ class ValuesError(ValueError):
         super().__init__(f"{path}: {problem}" if path else problem)
         self.path = path
         self.problem = problem
+
+
+def read_values_file(path: Path | None) -> Any:
+    """The parsed YAML of a values file (None without one); ValuesError saying why it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValuesError("", f"cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValuesError("", f"{path} is not valid YAML: {exc}") from None
 
 
 @dataclass(frozen=True)
