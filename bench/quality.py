@@ -21,6 +21,10 @@ totalling 4x the fleet's KV read in a cyclic sweep, so a document's follow-up co
 has evicted it, with a quarter of the requests re-reading a recent document. Every run also
 reports the finite-cache LRU oracle (``--oracle-cache-tokens``: one LRU as large as the fleet).
 
+``--router-replicas N`` puts N router processes behind each of our Envoys, ``--statesync`` gives each
+of our stacks its own Redis to share them (the README's "With several replicas, precise still wants
+statesync" comes from these).
+
 An arm our router rejects (e.g. a strategy not built yet) is skipped and reported, not fatal.
 The run is bounded by --budget-s: each arm's sending time is capped so the whole run fits.
 
@@ -111,8 +115,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-capacity-tokens", type=int, default=16384,
                    help="per pod; the default shared-prefix prefixes (30 x ~1.5k tokens) need ~70%% of the "
                         "cluster's KV and ~2.8x one pod's")
+    p.add_argument("--router-replicas", type=int, default=1,
+                   help="router processes behind each of our Envoys (Envoy spreads the ext_proc streams); "
+                        "without --statesync each approximate replica knows only what it routed itself, and each "
+                        "precise replica hears every pod's events but only its own speculative window")
+    p.add_argument("--statesync", action="store_true",
+                   help="give each of our stacks its own Redis and share its replicas' prefix index over it "
+                        "(the precise arm's replicas then also share what they routed but the engines have not "
+                        "yet reported: the speculative window)")
     p.add_argument("--budget-s", type=float, default=720.0, help="bound on the whole run, start-up included")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.router_replicas < 1:
+        p.error("--router-replicas must be at least 1")
+    return args
 
 
 def workload_plans(args: argparse.Namespace) -> list[WorkloadPlan]:
@@ -177,10 +192,12 @@ class PreciseStack(LocalStack):
     """The `precise` arm: a second router + Envoy in front of another stack's pods, subscribed to their
     KV events, prefix-cache by default. The pods are the other stack's to start and stop."""
 
-    def __init__(self, run_dir: Path, pods: list[PodSpec], timing: ModelTiming, health_interval: float) -> None:
+    def __init__(self, run_dir: Path, pods: list[PodSpec], timing: ModelTiming, health_interval: float,
+                 replicas: int = 1, redis: bool = False) -> None:
         super().__init__(StackOptions.on_free_ports(
             run_dir=str(run_dir), pods=0, health_interval=health_interval, timing="model", model_timing=timing,
-            kv_events=True, model_config=None, router_env={"ROUTING_ALGORITHM": "prefix-cache"}))
+            kv_events=True, model_config=None, router_env={"ROUTING_ALGORITHM": "prefix-cache"},
+            replicas=replicas, redis=redis))
         self.pods = pods  # with their KV-events ports: the pod file declares them
 
     def start_pod(self, pod: PodSpec) -> None:
@@ -366,10 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     # With a precise arm the pods publish their KV events all run long; the main router ignores them,
     # so its prefix-cache stays the approximate one.
     opts = StackOptions.on_free_ports(run_dir=str(run_dir), pods=args.pods, health_interval=0.5, timing="model",
-                                      model_timing=timing, kv_events=precise,
+                                      model_timing=timing, kv_events=precise, replicas=args.router_replicas,
+                                      redis=args.statesync,
                                       router_env={"EXTPROC_ROUTER_KV_EVENTS": "false"} if precise else {})
     stack = LocalStack(opts)
-    precise_stack = PreciseStack(run_dir / "precise", stack.pods, timing, 0.5) if precise else None
+    precise_stack = (PreciseStack(run_dir / "precise", stack.pods, timing, 0.5, replicas=args.router_replicas,
+                                  redis=args.statesync)
+                     if precise else None)
     peers_running = Peers(run_dir)
     started = time.monotonic()
     # SIGTERM behaves like Ctrl-C: everything we started is stopped on the way out.
@@ -394,9 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         # Each arm starts cold: the pods flush their KV caches (which the precise router hears as
         # AllBlocksCleared), and our routers forget their prefix index (otherwise prefix-cache would
         # route by what an earlier arm sent; the peers' arms ignore it).
-        reset_urls = [*(f"http://127.0.0.1:{pod.port}" for pod in stack.pods), f"{stack.router_http}/flush_cache"]
+        # Every replica forgets. With statesync a flush is local, so each replica is flushed; the deltas
+        # an earlier arm published were applied long before and are not replayed.
+        reset_urls = [*(f"http://127.0.0.1:{pod.port}" for pod in stack.pods),
+                      *(f"{r.http_url}/flush_cache" for r in stack.routers)]
         if precise_stack is not None:
-            reset_urls.append(f"{precise_stack.router_http}/flush_cache")
+            reset_urls.extend(f"{r.http_url}/flush_cache" for r in precise_stack.routers)
         resets = [arg for url in reset_urls for arg in ("--reset-url", url)]
         status = 0
         for plan in plans:
