@@ -8,7 +8,7 @@ and Envoy. An open-loop Poisson load (--rate, default 20 req/s) of streaming cha
 seconds in, one fault is injected:
 
   router-kill9          kill -9 of one router replica (the supervisor restarts it)
-  router-sigterm        SIGTERM of one replica with the stack's defaults (--drain-delay 0, as `up`)
+  router-sigterm        SIGTERM of one replica with --drain-delay 0 (the default before it became 2 s)
   router-sigterm-drain  SIGTERM with --drain-delay 2 (readiness false 2 s before new streams are refused)
   redis-restart         kill -9 of Redis, restarted empty on the same port --redis-down seconds later
   pod-kill9             kill -9 of one pod mid-stream; it restarts on the same address 10 s later
@@ -619,7 +619,7 @@ def scenarios(settings: Settings) -> list[Scenario]:
     drain = ("--drain-time-s", f"{settings.envoy_drain_time_s:g}", "--drain-strategy", "immediate")
     return [
         Scenario("router-kill9", "router kill -9 (1 of 2 replicas)", _router(signal.SIGKILL)),
-        Scenario("router-sigterm", "router SIGTERM, --drain-delay 0 (the `up` default)", _router(signal.SIGTERM),
+        Scenario("router-sigterm", "router SIGTERM, --drain-delay 0 (the old default)", _router(signal.SIGTERM),
                  expect_zero_failures=True),
         Scenario("router-sigterm-drain", "router SIGTERM, --drain-delay 2", _router(signal.SIGTERM),
                  router_args=("--drain-delay", "2"), expect_zero_failures=True),

@@ -227,12 +227,26 @@ def _route_config(values: GatewayValues) -> dict[str, Any]:
     }
 
 
+# A router replica that died (kill -9, OOM, node loss) stays in the ext_proc cluster until the next
+# health check fails (up to 1 s + 1 s timeout); a stream Envoy opens to it in that window fails to
+# connect. Retrying the stream's opening on another replica (previous_hosts) turns those into
+# routed requests instead of 503 routing_unavailable. Only the opening is retried: nothing has
+# been sent to the router yet, so no decision is made twice.
+_EXTPROC_RETRY: dict[str, Any] = {
+    "retry_on": "connect-failure,refused-stream,reset-before-request",
+    "num_retries": 2,
+    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+        _TYPE: "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": 3,
+}
+
+
 def _ext_proc_filter(failure_mode_allow: bool) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             _TYPE: _EXT_PROC_TYPE,
-            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "retry_policy": _EXTPROC_RETRY},
             # Fail open for data, closed for routing. The ext_proc stream stays open until the
             # response ends (response trailers SEND, below), so with false a router that dies
             # (crash, OOM kill, node loss) fails every HTTP stream it routed, mid-generation. With
@@ -506,6 +520,18 @@ def _extproc_cluster(endpoints: list[tuple[str, int]]) -> dict[str, Any]:
     }
     # A draining router answers NOT_SERVING before it refuses streams (--drain-delay): with several
     # replicas Envoy stops sending it new requests within a second instead of failing them.
+    # A connect failure (a replica that died) takes that replica out at once, not at the next health
+    # check; the health check brings it back when it answers SERVING again. With every replica out
+    # Envoy's panic mode still tries them all, so this never leaves the cluster empty.
+    cluster["outlier_detection"] = {
+        "split_external_local_origin_errors": True,
+        "consecutive_local_origin_failure": 1,
+        "enforcing_consecutive_local_origin_failure": 100,
+        "consecutive_5xx": 1000000, "enforcing_consecutive_5xx": 0,
+        "consecutive_gateway_failure": 1000000, "enforcing_consecutive_gateway_failure": 0,
+        "enforcing_success_rate": 0, "enforcing_local_origin_success_rate": 0,
+        "interval": "1s", "base_ejection_time": "1s", "max_ejection_percent": 100,
+    }
     cluster["health_checks"] = [{
         # no_traffic_interval: without it Envoy checks an idle cluster only every 60 s.
         "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s", "unhealthy_threshold": 1,

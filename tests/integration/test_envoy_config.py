@@ -216,7 +216,7 @@ def test_pod_route_cluster_and_security_settings() -> None:
         "envoy.filters.http.router",
     ]
     xp = ext_proc_config(boot)
-    assert xp["grpc_service"] == {"envoy_grpc": {"cluster_name": "extproc"}}
+    assert xp["grpc_service"]["envoy_grpc"] == {"cluster_name": "extproc"}
     assert xp["failure_mode_allow"] is True  # fail open for data; no decision still means 503
     assert xp["message_timeout"] == "60s"
     assert xp["allow_mode_override"] is True
