@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import signal
@@ -112,6 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eviction-requests", type=int, default=200,
                    help="eviction: requests in the trace (~2.3 sweeps of the 64 documents, a quarter of the "
                         "requests revisiting a recent one)")
+    p.add_argument("--eviction-trace", type=Path,
+                   help="eviction: replay this trace (the common JSONL format, 512-token blocks) instead of "
+                        "generating one; --eviction-rate and --eviction-requests then do not apply")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="eviction: multiply the trace's timestamps (0.5: twice as fast)")
     p.add_argument("--kv-capacity-tokens", type=int, default=16384,
                    help="per pod; the default shared-prefix prefixes (30 x ~1.5k tokens) need ~70%% of the "
                         "cluster's KV and ~2.8x one pod's")
@@ -159,10 +165,17 @@ def workload_plans(args: argparse.Namespace) -> list[WorkloadPlan]:
     if args.workload in ("eviction", "all"):
         # The trace is written by main() (gen-trace) into the workload's output directory.
         n = args.requests or args.eviction_requests
+        rate = args.eviction_rate
+        if args.eviction_trace is not None:
+            stamps = [json.loads(line)["timestamp"] for line in args.eviction_trace.read_text().splitlines()
+                      if line.strip()]
+            n = args.requests or len(stamps)
+            rate = len(stamps) / max(1.0, (max(stamps) - min(stamps)) / 1000.0 * args.time_scale)
         trace = args.out / "eviction" / "trace.jsonl"
         plans.append(WorkloadPlan("eviction", n, ["--workload", "trace", "--trace", str(trace),
-                                                  "--block-tokens", str(EVICTION_BLOCK_TOKENS)],
-                                  rate=args.eviction_rate))
+                                                  "--block-tokens", str(EVICTION_BLOCK_TOKENS),
+                                                  "--time-scale", str(args.time_scale)],
+                                  rate=rate))
     return plans
 
 
@@ -320,8 +333,6 @@ def precise_targets(workload: str, arms: dict[str, dict]) -> dict[str, object]:
 
 def print_targets(out_dir: Path, plans: list[WorkloadPlan]) -> None:
     """Print, and write to targets.json, how the precise arm fares against the targets per workload."""
-    import json
-
     rows = []
     for plan in plans:
         report = out_dir / plan.name / "report.json"
@@ -428,7 +439,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"budget exhausted: {plan.name} not run", flush=True)
                 status = 1
                 break
-            if plan.name == "eviction":
+            if plan.name == "eviction" and args.eviction_trace is not None:
+                dest = Path(plan.flags[plan.flags.index("--trace") + 1])
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(args.eviction_trace.read_bytes())
+                print(f"\n== eviction trace: {args.eviction_trace}", flush=True)
+            elif plan.name == "eviction":
                 gen = eviction_trace_command(args, plan)
                 print(f"\n== eviction trace: {' '.join(gen[3:])}", flush=True)
                 subprocess.run(gen, cwd=ROOT, check=True)

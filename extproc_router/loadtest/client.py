@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 
 POD_HEADERS: tuple[str, ...] = ("target-pod", "x-sim-pod")
+MATCH_HEADER = "x-prefix-cache-match"
 """Response headers naming the serving pod, in order of preference: our router's echo, then the
 simulated pod's own stamp (which peer routers pass through, so their spread is visible too)."""
 UNKNOWN_POD = "unknown"
@@ -40,6 +41,8 @@ class RequestResult:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     """``usage.prompt_tokens_details.cached_tokens``; None when the endpoint does not report it."""
+    claimed_tokens: int | None = None
+    """The router's ``x-prefix-cache-match`` ``tokens=``: what it believed the chosen pod had cached."""
     text: str = ""
     """The generated text of choice 0 (multi-turn feeds it back as the assistant's turn)."""
 
@@ -55,6 +58,18 @@ def _pod_of(headers: Any) -> str:
         if value:
             return value
     return UNKNOWN_POD
+
+
+def _claimed_tokens(headers: Any) -> int | None:
+    """``tokens=N`` of ``x-prefix-cache-match: <share>;tokens=N;src=...``, None when absent or malformed."""
+    value = headers.get(MATCH_HEADER)
+    if not value or len(value) > 256:
+        return None
+    for part in value.split(";"):
+        name, _, number = part.strip().partition("=")
+        if name == "tokens" and number.isdigit() and len(number) <= 12:
+            return int(number)
+    return None
 
 
 def _error_message(raw: bytes) -> str:
@@ -113,6 +128,7 @@ async def stream_request(
         async with session.post(url, data=orjson.dumps(body), headers=headers) as resp:
             result.status = resp.status
             result.pod = _pod_of(resp.headers)
+            result.claimed_tokens = _claimed_tokens(resp.headers)
             if resp.status != 200:
                 result.error = _error_message(await resp.content.read(4096))
                 result.e2e = time.perf_counter() - result.start

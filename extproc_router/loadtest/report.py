@@ -63,6 +63,21 @@ def summarize(result: ArmResult) -> dict[str, Any]:
         else None
     )
 
+    # The router's claims (x-prefix-cache-match tokens=) against what the chosen pod served from cache:
+    # the approximate index claims blocks the engine has evicted, the precise one should not.
+    claimed = [r for r in reported if r.claimed_tokens is not None]
+    claims = None
+    if claimed:
+        total = sum(r.claimed_tokens or 0 for r in claimed)
+        kept = sum(min(r.claimed_tokens or 0, r.cached_tokens or 0) for r in claimed)
+        claims = {
+            "requests": len(claimed),
+            "claimed_tokens": total,
+            "kept": _ratio(kept, total) if total else None,
+            "overclaimed_requests": sum(1 for r in claimed if (r.claimed_tokens or 0) >= 16
+                                        and (r.cached_tokens or 0) < 0.5 * (r.claimed_tokens or 0)),
+        }
+
     pods: dict[str, dict[str, Any]] = {}
     for r in recs:
         if r.cancelled:
@@ -123,6 +138,7 @@ def summarize(result: ArmResult) -> dict[str, Any]:
             "reported": sum(r.prompt_tokens or 0 for r in reported) if reported else None,
             "oracle": sum(r.oracle_prompt_tokens or 0 for r in with_oracle) if with_oracle else None,
         },
+        "claims": claims,
         "pods": dict(sorted(pods.items())),
     }
 
@@ -184,6 +200,8 @@ TABLE_COLUMNS = (
 TURN_COLUMNS = ("TTFT p90 1st turn", "TTFT p90 later turns")
 
 FINITE_ORACLE_COLUMN = "hit oracle LRU"
+CLAIM_COLUMN = "claim kept"
+"""Share of the tokens the router said the chosen pod had cached that it did serve from cache."""
 """The finite-cache oracle's hit rate, after "hit oracle" when it was computed."""
 
 
@@ -202,6 +220,9 @@ def table_columns(summaries: list[dict[str, Any]]) -> tuple[str, ...]:
     if _finite_oracle(summaries):
         at = columns.index("hit oracle") + 1
         columns = (*columns[:at], FINITE_ORACLE_COLUMN, *columns[at:])
+    if any(s.get("claims") for s in summaries if not s["skipped"]):
+        at = columns.index("hit achieved") + 1
+        columns = (*columns[:at], CLAIM_COLUMN, *columns[at:])
     if _by_turn(summaries):
         at = columns.index("TTFT p99") + 1
         columns = columns[:at] + TURN_COLUMNS + columns[at:]
@@ -213,6 +234,7 @@ def table_rows(summaries: list[dict[str, Any]]) -> list[list[str]]:
     columns = table_columns(summaries)
     turn_cells = TURN_COLUMNS[0] in columns
     finite_cell = FINITE_ORACLE_COLUMN in columns
+    claim_cell = CLAIM_COLUMN in columns
     rows = []
     for s in summaries:
         if s["skipped"]:
@@ -238,6 +260,7 @@ def table_rows(summaries: list[dict[str, Any]]) -> list[list[str]]:
                 fmt_pct(s["hit_rate"]["oracle"]),
                 *([fmt_pct(s["hit_rate"].get("oracle_finite"))] if finite_cell else []),
                 fmt_pct(s["hit_rate"]["achieved"]),
+                *([fmt_pct((s.get("claims") or {}).get("kept"))] if claim_cell else []),
                 pod_spread(s),
             ]
         )

@@ -3,7 +3,8 @@
 Fail open for data, closed for routing: the rendered bootstrap has ext_proc `failure_mode_allow: true`,
 so a `kill -9` of one of two replicas leaves the streams it routed running to their last token; Envoy's
 retry of the ext_proc stream's opening and outlier detection on the ext_proc cluster send every new
-request to the survivor (none fails); with no router at all a request (a spoofed `target-pod` included) gets a clean OpenAI-shaped 503 and never reaches a pod.
+request to the survivor (none fails); with no router at all a request (a spoofed `target-pod`
+included) gets a clean OpenAI-shaped 503 and never reaches a pod.
 `extproc-router up` supervises the routers: a killed replica is restarted and answers again.
 """
 

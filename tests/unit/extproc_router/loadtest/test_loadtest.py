@@ -15,7 +15,7 @@ from aiohttp import web
 
 from extproc_router.loadtest import cli as loadtest_cli
 from extproc_router.loadtest.oracle import Oracle, hit_rate, load_tokenizer
-from extproc_router.loadtest.report import build_report, matplotlib_available, summarize
+from extproc_router.loadtest.report import build_report, markdown_summary, matplotlib_available, summarize
 from extproc_router.loadtest.runner import Arm, Record, RunSettings, apply_oracle, parse_arms, run_arm, run_arms
 from extproc_router.loadtest.workloads import WORDS, MultiTurnWorkload, WorkloadSpec, build_workload
 from extproc_router.simulator.server import SimConfig, SimServer, start_sim
@@ -371,3 +371,47 @@ def test_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert asyncio.run(loadtest_cli.main_async(cli_args("--compare", "random"))) == 2
     assert "no --target" in capsys.readouterr().err
     assert asyncio.run(loadtest_cli.main_async(cli_args())) == 2
+
+
+# ---------------------------------------------------------------- the router's match claims
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0.50;tokens=1024;src=approx;sel=prefix_match", 1024),
+        ("1.00;tokens=0;src=precise;sel=prefix_match", 0),
+        (None, None),
+        ("", None),
+        ("0.50;src=approx", None),  # no tokens=
+        ("0.50;tokens=-3;src=approx", None),
+        ("0.50;tokens=12abc", None),
+        ("0.50;tokens=" + "9" * 40, None),  # absurdly long number
+        ("x" * 10_000 + ";tokens=5", None),  # oversized header
+    ],
+)
+def test_claimed_tokens_parses_the_match_header_and_ignores_junk(value: str | None, expected: int | None) -> None:
+    from extproc_router.loadtest.client import _claimed_tokens
+
+    headers = {} if value is None else {"x-prefix-cache-match": value}
+    assert _claimed_tokens(headers) == expected
+
+
+def test_summary_compares_claims_with_what_the_pods_served() -> None:
+    """A claim the pod kept, one it half kept, one it did not keep at all (an evicted prefix the
+    approximate index still believes in), and a request without a claim."""
+    from extproc_router.loadtest.runner import ArmResult
+
+    def rec(i: int, claimed: int | None, cached: int) -> Record:
+        r = Record(index=i, seq=i, label="", start_s=0.0, body={})
+        r.ok, r.ttft_ms, r.e2e_ms, r.prompt_tokens, r.cached_tokens, r.claimed_tokens = (
+            True, 10.0, 20.0, 2000, cached, claimed)  # fmt: skip
+        return r
+
+    result = ArmResult(arm=Arm(name="a", target="t"), duration_s=1.0,
+                       records=[rec(0, 1000, 1000), rec(1, 1000, 500), rec(2, 1000, 0), rec(3, None, 300)])
+    claims = summarize(result)["claims"]
+    assert claims == {"requests": 3, "claimed_tokens": 3000, "kept": 0.5, "overclaimed_requests": 1}
+    report = build_report(RunSettings(model=MODEL, workload=WorkloadSpec()), [result])
+    md = markdown_summary(report)
+    assert "claim kept" in md and "50.0%" in md
