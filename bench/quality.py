@@ -16,10 +16,15 @@ ZeroMQ format), and a second router + Envoy in front of the same pods subscribes
 default, the pods' cl100k as its engine tokenizer).
 
 Workloads: ``shared-prefix`` and ``multi-turn`` (the harness's generators), and ``eviction``: a
-trace from ``loadtest gen-trace --kind eviction`` replayed with ``--workload trace``: documents
-totalling 4x the fleet's KV read in a cyclic sweep, so a document's follow-up comes after every pod
-has evicted it, with a quarter of the requests re-reading a recent document. Every run also
-reports the finite-cache LRU oracle (``--oracle-cache-tokens``: one LRU as large as the fleet).
+trace from ``loadtest gen-trace`` replayed with ``--workload trace``, where follow-ups arrive after
+eviction. By default (``--eviction-kind conversations``) 20 conversations per pod of 6 turns ~6 s
+apart, totalling ~7x the fleet's KV: a follow-up often finds its conversation evicted from the pod
+that served it, which the router's own history cannot know. ``--eviction-kind sweep``: documents
+4x the fleet's KV read in a cycle, every follow-up evicted everywhere, a quarter of the requests
+re-reading a recent document. ``--eviction-trace FILE`` replays a trace of your own. Every run also
+reports the finite-cache LRU oracle (``--oracle-cache-tokens``: one LRU as large as the fleet) and,
+per arm, "claim kept": the share of the tokens the router said the chosen pod had cached
+(``x-prefix-cache-match``) that the pod did serve from cache.
 
 ``--router-replicas N`` puts N router processes behind each of our Envoys, ``--statesync`` gives each
 of our stacks its own Redis to share them (the README's "With several replicas, precise still wants
@@ -107,11 +112,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "system-prompt-only workload)")
     p.add_argument("--turn-rate", type=float, default=4.0,
                    help="multi-turn: Poisson turns per second over all users (0: closed loop of --users)")
-    p.add_argument("--eviction-rate", type=float, default=8.0,
-                   help="eviction: Poisson arrivals per second (each ~4.4k prompt tokens: about 75%% of what 4 "
-                        "pods prefill when nothing is cached)")
+    p.add_argument("--eviction-kind", choices=EVICTION_KINDS, default="conversations",
+                   help="eviction: conversations (default): 20 per pod, 6 turns ~6 s apart behind 2 shared system "
+                        "blocks, their total 7x the fleet's KV, so a follow-up often finds its conversation evicted "
+                        "from the pod that served it (and the router's history still says it is there); sweep: "
+                        "documents 4x the fleet's KV read in a cycle, every follow-up evicted everywhere")
+    p.add_argument("--eviction-rate", type=float, default=None,
+                   help="eviction: Poisson arrivals per second: conversation starts (default 0.83 per pod) or, "
+                        "sweep, requests (default 8: each ~4.4k prompt tokens, about 75%% of what 4 pods prefill "
+                        "when nothing is cached)")
     p.add_argument("--eviction-requests", type=int, default=200,
-                   help="eviction: requests in the trace (~2.3 sweeps of the 64 documents, a quarter of the "
+                   help="eviction, sweep: requests in the trace (~2.3 sweeps of the 64 documents, a quarter of the "
                         "requests revisiting a recent one)")
     p.add_argument("--eviction-trace", type=Path,
                    help="eviction: replay this trace (the common JSONL format, 512-token blocks) instead of "
@@ -163,15 +174,23 @@ def workload_plans(args: argparse.Namespace) -> list[WorkloadPlan]:
         else:
             plans.append(WorkloadPlan("multi-turn", n, [*flags, "--concurrency", str(users)], concurrency=users))
     if args.workload in ("eviction", "all"):
-        # The trace is written by main() (gen-trace) into the workload's output directory.
-        n = args.requests or args.eviction_requests
-        rate = args.eviction_rate
-        if args.eviction_trace is not None:
-            stamps = [json.loads(line)["timestamp"] for line in args.eviction_trace.read_text().splitlines()
-                      if line.strip()]
-            n = args.requests or len(stamps)
-            rate = len(stamps) / max(1.0, (max(stamps) - min(stamps)) / 1000.0 * args.time_scale)
+        # The trace is written now, into the workload's output directory (its length sets the arm's time cap).
         trace = args.out / "eviction" / "trace.jsonl"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        if args.eviction_trace is not None:
+            trace.write_bytes(args.eviction_trace.read_bytes())
+            print(f"eviction trace: {args.eviction_trace}", flush=True)
+        else:
+            if args.eviction_rate is None:
+                args.eviction_rate = EVICTION_SWEEP_RATE if args.eviction_kind == "sweep" else 0.8333 * args.pods
+            requests = args.requests or (args.eviction_requests if args.eviction_kind == "sweep"
+                                         else EVICTION_USERS_PER_POD * args.pods * EVICTION_TURNS)
+            gen = eviction_trace_command(args, trace, requests)
+            print(f"eviction trace: {' '.join(gen[3:])}", flush=True)
+            subprocess.run(gen, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        stamps = [json.loads(line)["timestamp"] for line in trace.read_text().splitlines() if line.strip()]
+        n = min(args.requests or len(stamps), len(stamps))
+        rate = n / max(1.0, (max(stamps[:n]) - min(stamps[:n])) / 1000.0 * args.time_scale)
         plans.append(WorkloadPlan("eviction", n, ["--workload", "trace", "--trace", str(trace),
                                                   "--block-tokens", str(EVICTION_BLOCK_TOKENS),
                                                   "--time-scale", str(args.time_scale)],
@@ -179,16 +198,30 @@ def workload_plans(args: argparse.Namespace) -> list[WorkloadPlan]:
     return plans
 
 
-EVICTION_BLOCK_TOKENS = 512  # Mooncake's hash-id block; a document is gen-trace's 8 of them
+EVICTION_BLOCK_TOKENS = 512  # Mooncake's hash-id block; a sweep document is gen-trace's 8 of them
+EVICTION_KINDS = ("conversations", "sweep")
+EVICTION_SWEEP_RATE = 8.0
+EVICTION_USERS_PER_POD = 20
+EVICTION_TURNS = 6
+EVICTION_TURN_GAP_S = 6.0
 
 
-def eviction_trace_command(args: argparse.Namespace, plan: WorkloadPlan) -> list[str]:
-    """`loadtest gen-trace --kind eviction` for the fleet: the working set is 4x its KV capacity."""
-    trace = plan.flags[plan.flags.index("--trace") + 1]
-    return [sys.executable, "-m", "extproc_router", "loadtest", "gen-trace", "--kind", "eviction", "--out", trace,
-            "--seed", str(args.seed), "--block-tokens", str(EVICTION_BLOCK_TOKENS),
-            "--capacity-tokens", str(args.pods * args.kv_capacity_tokens), "--rate", str(args.eviction_rate),
-            "--requests", str(plan.requests)]
+def eviction_trace_command(args: argparse.Namespace, trace: Path, requests: int) -> list[str]:
+    """`loadtest gen-trace` for the fleet's KV capacity (pods x per-pod tokens).
+
+    conversations: 20 users per pod of 6 turns, each turn resending the conversation (2 shared
+    system blocks, then every earlier 512-token question and answer) plus a new question; turns
+    ~6 s apart, starts Poisson at 0.83/s per pod. The conversations total ~7x the fleet's KV, so
+    other users' turns often push one out of the pod that served it before its next turn.
+    sweep: documents 4x the fleet's KV in a cycle, a quarter of the requests re-reading a recent one."""
+    common = [sys.executable, "-m", "extproc_router", "loadtest", "gen-trace", "--out", str(trace),
+              "--seed", str(args.seed), "--block-tokens", str(EVICTION_BLOCK_TOKENS),
+              "--capacity-tokens", str(args.pods * args.kv_capacity_tokens), "--rate", str(args.eviction_rate)]
+    if args.eviction_kind == "sweep":
+        return [*common, "--kind", "eviction", "--requests", str(requests)]
+    users = max(1, math.ceil(requests / EVICTION_TURNS))
+    return [*common, "--kind", "multi-turn", "--users", str(users), "--turns", str(EVICTION_TURNS),
+            "--turn-gap-s", str(EVICTION_TURN_GAP_S), "--system-blocks", "2"]
 
 
 # ---------------------------------------------------------------- processes
@@ -439,15 +472,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"budget exhausted: {plan.name} not run", flush=True)
                 status = 1
                 break
-            if plan.name == "eviction" and args.eviction_trace is not None:
-                dest = Path(plan.flags[plan.flags.index("--trace") + 1])
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(args.eviction_trace.read_bytes())
-                print(f"\n== eviction trace: {args.eviction_trace}", flush=True)
-            elif plan.name == "eviction":
-                gen = eviction_trace_command(args, plan)
-                print(f"\n== eviction trace: {' '.join(gen[3:])}", flush=True)
-                subprocess.run(gen, cwd=ROOT, check=True)
             cmd = [sys.executable, "-m", "extproc_router", "loadtest", "--target", stack.url,
                    "--model", opts.model, "--compare", compare, *resets, *plan.flags,
                    "--requests", str(plan.requests), "--duration", f"{caps[plan.name]:.0f}", "--grace", "15",
