@@ -140,10 +140,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="give each of our stacks its own Redis and share its replicas' prefix index over it "
                         "(the precise arm's replicas then also share what they routed but the engines have not "
                         "yet reported: the speculative window)")
+    p.add_argument("--router-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for our routers, both stacks (repeatable)")
+    p.add_argument("--precise-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for the precise arm's routers only (repeatable; wins over "
+                        "--router-env)")
     p.add_argument("--budget-s", type=float, default=720.0, help="bound on the whole run, start-up included")
     args = p.parse_args(argv)
     if args.router_replicas < 1:
         p.error("--router-replicas must be at least 1")
+    for flag in ("router_env", "precise_env"):
+        pairs = {}
+        for item in getattr(args, flag):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                p.error(f"--{flag.replace('_', '-')} wants KEY=VALUE, got {item!r}")
+            pairs[key] = value
+        setattr(args, flag, pairs)
     return args
 
 
@@ -239,10 +252,10 @@ class PreciseStack(LocalStack):
     KV events, prefix-cache by default. The pods are the other stack's to start and stop."""
 
     def __init__(self, run_dir: Path, pods: list[PodSpec], timing: ModelTiming, health_interval: float,
-                 replicas: int = 1, redis: bool = False) -> None:
+                 replicas: int = 1, redis: bool = False, env: dict[str, str] | None = None) -> None:
         super().__init__(StackOptions.on_free_ports(
             run_dir=str(run_dir), pods=0, health_interval=health_interval, timing="model", model_timing=timing,
-            kv_events=True, model_config=None, router_env={"ROUTING_ALGORITHM": "prefix-cache"},
+            kv_events=True, model_config=None, router_env={"ROUTING_ALGORITHM": "prefix-cache", **(env or {})},
             replicas=replicas, redis=redis))
         self.pods = pods  # with their KV-events ports: the pod file declares them
 
@@ -429,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = StackOptions.on_free_ports(run_dir=str(run_dir), pods=args.pods, health_interval=0.5, timing="model",
                                       model_timing=timing, kv_events=precise, replicas=args.router_replicas,
                                       redis=args.statesync,
-                                      router_env={"EXTPROC_ROUTER_KV_EVENTS": "false"} if precise else {})
+                                      router_env={**args.router_env,
+                                                  **({"EXTPROC_ROUTER_KV_EVENTS": "false"} if precise else {})})
     stack = LocalStack(opts)
     precise_stack = (PreciseStack(run_dir / "precise", stack.pods, timing, 0.5, replicas=args.router_replicas,
-                                  redis=args.statesync)
+                                  redis=args.statesync, env={**args.router_env, **args.precise_env})
                      if precise else None)
     peers_running = Peers(run_dir)
     started = time.monotonic()

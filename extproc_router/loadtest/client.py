@@ -42,7 +42,10 @@ class RequestResult:
     cached_tokens: int | None = None
     """``usage.prompt_tokens_details.cached_tokens``; None when the endpoint does not report it."""
     claimed_tokens: int | None = None
-    """The router's ``x-prefix-cache-match`` ``tokens=``: what it believed the chosen pod had cached."""
+    """The router's ``x-prefix-cache-match`` ``tokens=``: what it believed the chosen pod had cached,
+    in its own token estimate (the character tokenizer's is bytes / 4)."""
+    claimed_share: float | None = None
+    """The header's share: the part of the prompt's hashed blocks it believed the pod had cached."""
     text: str = ""
     """The generated text of choice 0 (multi-turn feeds it back as the assistant's turn)."""
 
@@ -60,16 +63,25 @@ def _pod_of(headers: Any) -> str:
     return UNKNOWN_POD
 
 
-def _claimed_tokens(headers: Any) -> int | None:
-    """``tokens=N`` of ``x-prefix-cache-match: <share>;tokens=N;src=...``, None when absent or malformed."""
+def _claim(headers: Any) -> tuple[float | None, int | None]:
+    """(share, tokens) of ``x-prefix-cache-match: <share>;tokens=N;src=...``; None for a part that is
+    absent or malformed."""
     value = headers.get(MATCH_HEADER)
     if not value or len(value) > 256:
-        return None
-    for part in value.split(";"):
+        return None, None
+    parts = value.split(";")
+    share: float | None = None
+    head = parts[0].strip()
+    if 0 < len(head) <= 8 and head.replace(".", "", 1).isdigit():
+        share = float(head)
+        if share > 1.0:
+            share = None
+    tokens: int | None = None
+    for part in parts[1:]:
         name, _, number = part.strip().partition("=")
         if name == "tokens" and number.isdigit() and len(number) <= 12:
-            return int(number)
-    return None
+            tokens = int(number)
+    return share, tokens
 
 
 def _error_message(raw: bytes) -> str:
@@ -128,7 +140,7 @@ async def stream_request(
         async with session.post(url, data=orjson.dumps(body), headers=headers) as resp:
             result.status = resp.status
             result.pod = _pod_of(resp.headers)
-            result.claimed_tokens = _claimed_tokens(resp.headers)
+            result.claimed_share, result.claimed_tokens = _claim(resp.headers)
             if resp.status != 200:
                 result.error = _error_message(await resp.content.read(4096))
                 result.e2e = time.perf_counter() - result.start

@@ -63,19 +63,20 @@ def summarize(result: ArmResult) -> dict[str, Any]:
         else None
     )
 
-    # The router's claims (x-prefix-cache-match tokens=) against what the chosen pod served from cache:
-    # the approximate index claims blocks the engine has evicted, the precise one should not.
-    claimed = [r for r in reported if r.claimed_tokens is not None]
+    # The router's claims (x-prefix-cache-match) against what the chosen pod served from cache: the
+    # approximate index claims blocks the engine has evicted, the precise one should not. A claim is
+    # the header's share of the prompt's hashed blocks times the prompt's real token count, so the
+    # router's token estimate (bytes / 4 for the character tokenizer) does not count as an error.
+    claimed = [r for r in reported if r.claimed_share is not None]
     claims = None
     if claimed:
-        total = sum(r.claimed_tokens or 0 for r in claimed)
-        kept = sum(min(r.claimed_tokens or 0, r.cached_tokens or 0) for r in claimed)
+        said = [(round((r.claimed_share or 0.0) * (r.prompt_tokens or 0)), r.cached_tokens or 0) for r in claimed]
+        total = sum(c for c, _ in said)
         claims = {
             "requests": len(claimed),
             "claimed_tokens": total,
-            "kept": _ratio(kept, total) if total else None,
-            "overclaimed_requests": sum(1 for r in claimed if (r.claimed_tokens or 0) >= 16
-                                        and (r.cached_tokens or 0) < 0.5 * (r.claimed_tokens or 0)),
+            "kept": _ratio(sum(min(c, got) for c, got in said), total) if total else None,
+            "overclaimed_requests": sum(1 for c, got in said if c >= 16 and got < 0.5 * c),
         }
 
     pods: dict[str, dict[str, Any]] = {}

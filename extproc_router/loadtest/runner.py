@@ -150,7 +150,9 @@ class Record:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     claimed_tokens: int | None = None
-    """What the router said the chosen pod had cached (x-prefix-cache-match), when it said."""
+    """What the router said the chosen pod had cached (x-prefix-cache-match tokens=), when it said."""
+    claimed_share: float | None = None
+    """The same claim as a share of the prompt's hashed blocks (unit-free)."""
     oracle_prompt_tokens: int | None = None
     oracle_cached_tokens: int | None = None
     oracle_finite_cached_tokens: int | None = None
@@ -179,6 +181,7 @@ class Record:
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "claimed_tokens": self.claimed_tokens,
+            "claimed_share": self.claimed_share,
             "oracle_prompt_tokens": self.oracle_prompt_tokens,
             "oracle_cached_tokens": self.oracle_cached_tokens,
             "oracle_finite_cached_tokens": self.oracle_finite_cached_tokens,
@@ -353,7 +356,7 @@ async def _send_all(
         rec.itl_ms = [gap * 1000.0 for gap in res.itl]
         rec.output_tokens = res.output_tokens
         rec.prompt_tokens, rec.cached_tokens = res.prompt_tokens, res.cached_tokens
-        rec.claimed_tokens = res.claimed_tokens
+        rec.claimed_tokens, rec.claimed_share = res.claimed_tokens, res.claimed_share
         last_end = max(last_end, res.start + (res.e2e or 0.0))
         workload.finished(req, res.text if res.ok else None)
         progress.request_done(res.ok)

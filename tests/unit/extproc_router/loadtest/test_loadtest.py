@@ -379,22 +379,25 @@ def test_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("0.50;tokens=1024;src=approx;sel=prefix_match", 1024),
-        ("1.00;tokens=0;src=precise;sel=prefix_match", 0),
-        (None, None),
-        ("", None),
-        ("0.50;src=approx", None),  # no tokens=
-        ("0.50;tokens=-3;src=approx", None),
-        ("0.50;tokens=12abc", None),
-        ("0.50;tokens=" + "9" * 40, None),  # absurdly long number
-        ("x" * 10_000 + ";tokens=5", None),  # oversized header
+        ("0.50;tokens=1024;src=approx;sel=prefix_match", (0.5, 1024)),
+        ("1.00;tokens=0;src=precise;sel=prefix_match", (1.0, 0)),
+        (None, (None, None)),
+        ("", (None, None)),
+        ("0.50;src=approx", (0.5, None)),  # no tokens=
+        ("0.50;tokens=-3;src=approx", (0.5, None)),
+        ("0.50;tokens=12abc", (0.5, None)),
+        ("0.50;tokens=" + "9" * 40, (0.5, None)),  # absurdly long number
+        ("7.5;tokens=3", (None, 3)),  # a share above 1
+        ("nan;tokens=3", (None, 3)),
+        ("-0.5;tokens=3", (None, 3)),
+        ("x" * 10_000 + ";tokens=5", (None, None)),  # oversized header
     ],
 )
-def test_claimed_tokens_parses_the_match_header_and_ignores_junk(value: str | None, expected: int | None) -> None:
-    from extproc_router.loadtest.client import _claimed_tokens
+def test_claim_parses_the_match_header_and_ignores_junk(value: str | None, expected: tuple) -> None:
+    from extproc_router.loadtest.client import _claim
 
     headers = {} if value is None else {"x-prefix-cache-match": value}
-    assert _claimed_tokens(headers) == expected
+    assert _claim(headers) == expected
 
 
 def test_summary_compares_claims_with_what_the_pods_served() -> None:
@@ -402,14 +405,15 @@ def test_summary_compares_claims_with_what_the_pods_served() -> None:
     approximate index still believes in), and a request without a claim."""
     from extproc_router.loadtest.runner import ArmResult
 
-    def rec(i: int, claimed: int | None, cached: int) -> Record:
+    def rec(i: int, share: float | None, cached: int) -> Record:
         r = Record(index=i, seq=i, label="", start_s=0.0, body={})
-        r.ok, r.ttft_ms, r.e2e_ms, r.prompt_tokens, r.cached_tokens, r.claimed_tokens = (
-            True, 10.0, 20.0, 2000, cached, claimed)  # fmt: skip
+        r.ok, r.ttft_ms, r.e2e_ms, r.prompt_tokens, r.cached_tokens, r.claimed_share = (
+            True, 10.0, 20.0, 2000, cached, share)  # fmt: skip
+        r.claimed_tokens = 99_999  # the router's own estimate: not what claims are measured in
         return r
 
     result = ArmResult(arm=Arm(name="a", target="t"), duration_s=1.0,
-                       records=[rec(0, 1000, 1000), rec(1, 1000, 500), rec(2, 1000, 0), rec(3, None, 300)])
+                       records=[rec(0, 0.5, 1000), rec(1, 0.5, 500), rec(2, 0.5, 0), rec(3, None, 300)])
     claims = summarize(result)["claims"]
     assert claims == {"requests": 3, "claimed_tokens": 3000, "kept": 0.5, "overclaimed_requests": 1}
     report = build_report(RunSettings(model=MODEL, workload=WorkloadSpec()), [result])
