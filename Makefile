@@ -39,7 +39,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 
-## bench-quality: routing quality on 4 model-timed simulated pods: shared-prefix, multi-turn and an eviction-heavy trace; ours (incl. precise KV-event routing) vs sglang-router / vllm-router (~10 min)
+## bench-quality: routing quality on 4 model-timed simulated pods: shared-prefix, multi-turn and conversations evicted between turns; ours (incl. precise KV-event routing) vs sglang-router / vllm-router (~17 min)
 bench-quality: $(STAMP)
 	$(PY) bench/quality.py --workload all
 

@@ -145,7 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precise-env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for the precise arm's routers only (repeatable; wins over "
                         "--router-env)")
-    p.add_argument("--budget-s", type=float, default=720.0, help="bound on the whole run, start-up included")
+    p.add_argument("--budget-s", type=float, default=1800.0,
+                   help="bound on the whole run, start-up included (all workloads, 6 arms: ~17 min)")
     args = p.parse_args(argv)
     if args.router_replicas < 1:
         p.error("--router-replicas must be at least 1")

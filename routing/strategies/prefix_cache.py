@@ -285,22 +285,31 @@ class PrefixCacheStrategy:
             except (ValueError, UnicodeError):
                 _count(self.errors, (request.model, "engine_tokenize_failed"))
             if precise is not None:
-                self._merge_precise(matches, precise, hashes, kv, now)
+                # From here on every count is in the engine's tokens: the approximate index's blocks
+                # (a fixed number of bytes, `BYTES_PER_TOKEN` a token by estimate) are rescaled by what
+                # the engine tokenizer counted for the same prompt. Left in estimated tokens, a
+                # speculative or approximate match weighed ~1.2x its real size against the real prompt
+                # on the simulator's text and pulled new conversations onto the pod that had just
+                # taken another (measured: 10 conversations placed 4/3/3/0 where they fit 3/3/2/2).
+                scale = precise.tokens / tokens if tokens > 0 else 1.0
+                if scale != 1.0:
+                    for key, (m, n, per_block) in matches.items():
+                        matches[key] = (m, n, per_block * scale)
+                self._merge_precise(matches, precise, hashes, kv, now, self._block_tokens * scale)
                 tokens = precise.tokens
         return _Prompt(hashes, tokens, matches, precise)
 
     def _merge_precise(self, matches: dict[str, tuple[int, int, float]], precise: PreciseMatch, hashes: np.ndarray,
-                       kv: KvBlockIndex, now: float) -> None:
+                       kv: KvBlockIndex, now: float, per_block: float) -> None:
         """A precise pod's match is what its engine reports holding, or, when longer, what it was routed
         within `kv_events_speculative_s` (the approximate index's newest entries: the engine publishes
         a block only once it has computed it) and after its cache was last emptied. Its older routing
-        history never counts."""
+        history never counts. `per_block`: engine tokens per approximate-index block."""
         window = self.settings.kv_events_speculative_s
         recent: dict[str, int] = {}
         if window > 0 and len(hashes):
             # match() keeps entries newer than its `now` minus the TTL: ask for the last `window` seconds.
             recent = self.index.match(hashes, precise.pods, now - window + self.index.ttl_seconds)
-        per_block = self._block_tokens
         for key in precise.pods:
             matches.pop(key, None)
             held, hashed, size = precise.runs[key]

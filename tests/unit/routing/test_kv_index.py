@@ -310,3 +310,26 @@ def test_blocks_routed_after_a_cache_clear_count_again_within_the_window() -> No
     now[0] = 1000.6
     pod, header = decide(router, body)
     assert pod == first and header.startswith("1.00") and ";src=precise;" in header, header
+
+
+def test_speculative_and_approximate_matches_are_counted_in_engine_tokens() -> None:
+    """With an engine tokenizer every count is in its tokens, including a match that comes from the
+    approximate index's blocks (128 bytes, 32 tokens by the bytes / 4 estimate). Here the engine
+    counts a token per byte, so a routed block is 128 engine tokens: left at 32, the speculative
+    match claimed a quarter of the prompt while the prompt's uncached rest was counted in full."""
+    router = mixed_router(speculative_s=2.0)
+    router.stats.load.acquire("ns/c", 10**6)
+    router.stats.load.acquire("ns/d", 10**6)
+    body = chat_body("Another new shared system prompt, never seen before. " * 20)
+    engine_tokens = len(render_chat(body["messages"], "simulator").encode())
+    d = router.decide(parse_body(CHAT_PATH, orjson.dumps(body)), "prefix-cache")
+    assert d.prefill_tokens == engine_tokens  # nothing cached yet: the whole prompt, in engine tokens
+    router.release(d)
+    d = router.decide(parse_body(CHAT_PATH, orjson.dumps(body)), "prefix-cache")
+    router.release(d)
+    header = d.echo[MATCH_HEADER]
+    assert header.startswith("1.00") and ";src=precise;" in header
+    claimed = int(header.split("tokens=")[1].split(";")[0])
+    # Every full 128-byte block of the prompt text is claimed: most of the engine's tokens.
+    assert 0.8 * engine_tokens <= claimed <= engine_tokens
+    assert d.prefill_tokens == engine_tokens - claimed
