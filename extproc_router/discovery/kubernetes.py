@@ -338,10 +338,13 @@ class ListWatch(Generic[T]):
         """The resource is not there (no CRD, no permission): nothing to wait for. Forget what was
         known of it, count as synced, and look again after `recheck` seconds."""
         self.resource_version = None
-        if self.items:
+        first = not self.synced.is_set()
+        self.synced.set()
+        if self.items or first:
+            # The first sync must be announced even with nothing to forget: readiness waits for
+            # every watch, and the others may all have synced before this one.
             self.items = {}
             self._on_change()
-        self.synced.set()
         await asyncio.sleep(recheck)
 
     async def run(self) -> None:
