@@ -56,6 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from extproc_router.loadtest.traces import load_trace  # noqa: E402
 from extproc_router.simulator.config import SimConfig  # noqa: E402
 from extproc_router.stack import LocalStack, ModelTiming, PodSpec, StackOptions, free_port  # noqa: E402
 
@@ -202,9 +203,9 @@ def workload_plans(args: argparse.Namespace) -> list[WorkloadPlan]:
             gen = eviction_trace_command(args, trace, requests)
             print(f"eviction trace: {' '.join(gen[3:])}", flush=True)
             subprocess.run(gen, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        stamps = [json.loads(line)["timestamp"] for line in trace.read_text().splitlines() if line.strip()]
+        stamps = [r.timestamp_ms for r in load_trace(trace)]  # in arrival order; a bad line stops here
         n = min(args.requests or len(stamps), len(stamps))
-        rate = n / max(1.0, (max(stamps[:n]) - min(stamps[:n])) / 1000.0 * args.time_scale)
+        rate = n / max(1.0, (stamps[n - 1] - stamps[0]) / 1000.0 * args.time_scale)
         plans.append(WorkloadPlan("eviction", n, ["--workload", "trace", "--trace", str(trace),
                                                   "--block-tokens", str(EVICTION_BLOCK_TOKENS),
                                                   "--time-scale", str(args.time_scale)],

@@ -12,9 +12,11 @@ import aiohttp
 import orjson
 
 POD_HEADERS: tuple[str, ...] = ("target-pod", "x-sim-pod")
-MATCH_HEADER = "x-prefix-cache-match"
 """Response headers naming the serving pod, in order of preference: our router's echo, then the
 simulated pod's own stamp (which peer routers pass through, so their spread is visible too)."""
+MATCH_HEADER = "x-prefix-cache-match"
+"""prefix-cache's echo of its match (`routing.strategies.prefix_cache.MATCH_HEADER`; named again here
+because the harness is a client of the router and does not import the routing core)."""
 UNKNOWN_POD = "unknown"
 
 API_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}

@@ -201,9 +201,9 @@ TABLE_COLUMNS = (
 TURN_COLUMNS = ("TTFT p90 1st turn", "TTFT p90 later turns")
 
 FINITE_ORACLE_COLUMN = "hit oracle LRU"
+"""The finite-cache oracle's hit rate, after "hit oracle" when it was computed."""
 CLAIM_COLUMN = "claim kept"
 """Share of the tokens the router said the chosen pod had cached that it did serve from cache."""
-"""The finite-cache oracle's hit rate, after "hit oracle" when it was computed."""
 
 
 def _by_turn(summaries: list[dict[str, Any]]) -> bool:
